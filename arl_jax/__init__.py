@@ -1,0 +1,79 @@
+"""arl_jax: Asymmetric Representation Learning (ICCV 2025) in JAX, Flax and optax.
+
+Pure functions for the per-modality statistics and coefficients, an optax
+transformation that rescales each encoder's gradients, and one jittable train
+step that composes them. Every per-modality value is a mapping keyed by
+modality name; any number of modalities K >= 2.
+"""
+
+from arl_jax.coefficients import arl_coefficients
+from arl_jax.coefficients import arl_coefficients_from_statistics
+from arl_jax.coefficients import ogm_ge_coefficients
+from arl_jax.coefficients import ogm_ge_coefficients_from_statistics
+from arl_jax.coefficients import released_arl_coefficients
+from arl_jax.coefficients import released_arl_coefficients_from_statistics
+from arl_jax.losses import arl_loss
+from arl_jax.losses import cross_entropy
+from arl_jax.methods import ARL
+from arl_jax.methods import OGMGE
+from arl_jax.methods import ARLNoResidual
+from arl_jax.methods import ARLReleased
+from arl_jax.methods import ARLReleasedApplied
+from arl_jax.methods import Method
+from arl_jax.methods import Modulation
+from arl_jax.methods import UnimodalRegularisation
+from arl_jax.methods import make_method
+from arl_jax.methods import method_names
+from arl_jax.methods import register_method
+from arl_jax.statistics import DEFAULT_ENTROPY_FLOOR
+from arl_jax.statistics import ModalityStatistics
+from arl_jax.statistics import entropy
+from arl_jax.statistics import modality_statistics
+from arl_jax.statistics import optimization_dependency
+from arl_jax.statistics import prediction_statistics
+from arl_jax.statistics import unimodal_inverse_variance
+from arl_jax.train_step import TrainState
+from arl_jax.train_step import make_eval_step
+from arl_jax.train_step import make_train_step
+from arl_jax.transforms import ScaleByModalityState
+from arl_jax.transforms import scale_by_modality
+from arl_jax.unimodal import fused_and_unimodal_logits
+from arl_jax.unimodal import zero_other_modalities
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ARL",
+    "ARLNoResidual",
+    "ARLReleased",
+    "ARLReleasedApplied",
+    "DEFAULT_ENTROPY_FLOOR",
+    "Method",
+    "ModalityStatistics",
+    "Modulation",
+    "OGMGE",
+    "ScaleByModalityState",
+    "TrainState",
+    "UnimodalRegularisation",
+    "arl_coefficients",
+    "arl_coefficients_from_statistics",
+    "arl_loss",
+    "cross_entropy",
+    "entropy",
+    "fused_and_unimodal_logits",
+    "make_eval_step",
+    "make_method",
+    "make_train_step",
+    "method_names",
+    "modality_statistics",
+    "ogm_ge_coefficients",
+    "ogm_ge_coefficients_from_statistics",
+    "optimization_dependency",
+    "prediction_statistics",
+    "register_method",
+    "released_arl_coefficients",
+    "released_arl_coefficients_from_statistics",
+    "scale_by_modality",
+    "unimodal_inverse_variance",
+    "zero_other_modalities",
+]

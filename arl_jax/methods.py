@@ -1,0 +1,210 @@
+"""Balancing methods: how each encoder's gradients are scaled, and by how much.
+
+A method is a small frozen dataclass with two things the train step needs:
+
+* ``gamma`` / ``warmup_gamma``: the weight of the unimodal cross-entropies in
+  the loss (Eq. 22) after and during warm-up;
+* ``modulation(stats)``: from the per-modality batch sums of
+  :func:`arl_jax.modality_statistics`, the coefficients to report and the
+  multiplier applied to each encoder's gradients.
+
+The train step never looks at which method it runs, so a new weighting rule is
+a new subclass (plus :func:`register_method` to make it reachable by name from
+configs); nothing else changes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+from typing import ClassVar
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from arl_jax import coefficients as coef_lib
+from arl_jax import statistics as stats_lib
+from arl_jax.statistics import ModalityStatistics
+
+Array = jax.Array
+
+
+class Modulation(NamedTuple):
+  """What a method decides for one step, per modality."""
+  coefficients: dict[str, Array]   # the method's coefficient (a_m, k_m, ...)
+  scales: dict[str, Array]         # multiplier of encoder m's gradients
+  noise: dict[str, Array] | None   # std multiplier of gradient noise, or None
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+  """Base class: plain multimodal training, no balancing (``concat``).
+
+  Attributes:
+    gamma: weight of the unimodal cross-entropies after warm-up (Eq. 22).
+    warmup_gamma: their weight during warm-up.
+  """
+  name: ClassVar[str] = "concat"
+  gamma: float = 0.0
+  warmup_gamma: float = 0.0
+
+  def modulation(self, stats: Mapping[str, ModalityStatistics]) -> Modulation:
+    ones = {m: jnp.ones((), jnp.float32) for m in stats}
+    return Modulation(coefficients={m: jnp.zeros((), jnp.float32)
+                                    for m in stats},
+                      scales=ones, noise=None)
+
+
+@dataclasses.dataclass(frozen=True)
+class UnimodalRegularisation(Method):
+  """The paper's UR ablation (Table 5): unimodal losses, no gradient scaling."""
+  name: ClassVar[str] = "unimodal_regularisation"
+  gamma: float = 4.0
+  warmup_gamma: float = 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class ARL(Method):
+  """Asymmetric Representation Learning as in the paper (Eqs. 17-22).
+
+  Coefficients ``a_m`` from :func:`arl_jax.arl_coefficients` (Eq. 18); encoder
+  ``m``'s gradients are multiplied by ``1 + a_m`` with the gradient residual
+  (Eq. 20) or by ``a_m`` without it (``residual=False``, Table 5's "both"
+  row).
+
+  Attributes:
+    temperature: T (paper: 8 on CREMA-D, 4 on Kinetics-Sounds, AVE, MOSI).
+    residual: whether to keep the gradient residual ``g + a_m g``.
+    entropy_floor: floor on the mean entropy (see
+      :func:`arl_jax.unimodal_inverse_variance`).
+    reference: reference modality of the K-modality extension (default last).
+  """
+  name: ClassVar[str] = "arl"
+  gamma: float = 4.0
+  warmup_gamma: float = 1.0
+  temperature: float = 4.0
+  residual: bool = True
+  entropy_floor: float = stats_lib.DEFAULT_ENTROPY_FLOOR
+  reference: str | None = None
+
+  def __post_init__(self):
+    if not self.temperature > 0:
+      raise ValueError(f"temperature must be > 0; got {self.temperature}.")
+
+  def modulation(self, stats):
+    a = coef_lib.arl_coefficients_from_statistics(
+        stats, self.temperature, entropy_floor=self.entropy_floor,
+        reference=self.reference)
+    base = 1.0 if self.residual else 0.0
+    return Modulation(a, {m: base + v for m, v in a.items()}, None)
+
+
+@dataclasses.dataclass(frozen=True)
+class ARLNoResidual(ARL):
+  """ARL without the gradient residual: encoder gradients times ``a_m``."""
+  name: ClassVar[str] = "arl_no_residual"
+  residual: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class ARLReleased(Method):
+  """The authors' PyTorch release (see ``ARL_SPEC.md``, last section).
+
+  Coefficients follow the release's formula
+  (:func:`arl_jax.released_arl_coefficients`). With ``apply_constant=False``
+  encoder ``m``'s gradients are multiplied by ``1 + a_m`` (the rule the
+  release computes, applied); with ``apply_constant=True`` by the constant
+  ``1 + 0.5`` for every encoder, which is what the release actually applies
+  (its computed coefficient is only printed). Defaults follow the release's
+  CREMA-D script (gamma 4, T 8 there; set T per data set).
+  """
+  name: ClassVar[str] = "arl_released"
+  gamma: float = 4.0
+  warmup_gamma: float = 1.0
+  temperature: float = 4.0
+  apply_constant: bool = False
+  constant: float = 0.5
+
+  def __post_init__(self):
+    if not self.temperature > 0:
+      raise ValueError(f"temperature must be > 0; got {self.temperature}.")
+
+  def modulation(self, stats):
+    a = coef_lib.released_arl_coefficients_from_statistics(
+        stats, self.temperature)
+    applied = ({m: jnp.full((), self.constant, jnp.float32) for m in a}
+               if self.apply_constant else a)
+    return Modulation(a, {m: 1.0 + v for m, v in applied.items()}, None)
+
+
+@dataclasses.dataclass(frozen=True)
+class ARLReleasedApplied(ARLReleased):
+  """What the release really trains with: every encoder gradient times 1.5."""
+  name: ClassVar[str] = "arl_released_applied"
+  apply_constant: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class OGMGE(Method):
+  """OGM-GE (Peng et al., CVPR 2022) through the same gradient transformation.
+
+  Encoder ``m``'s gradients are multiplied by ``k_m``
+  (:func:`arl_jax.ogm_ge_coefficients`) and, with ``noise=True``, receive
+  Gaussian noise of the gradient's own standard deviation (GE). Unlike the
+  OGM-GE release, which modulates only 4-D convolution kernels, every leaf
+  labelled with the modality is modulated.
+  """
+  name: ClassVar[str] = "ogm_ge"
+  alpha: float = 0.1
+  noise: bool = True
+
+  def __post_init__(self):
+    if not self.alpha > 0:
+      raise ValueError(f"alpha must be > 0; got {self.alpha}.")
+
+  def modulation(self, stats):
+    k = coef_lib.ogm_ge_coefficients_from_statistics(stats, self.alpha)
+    noise = ({m: jnp.ones((), jnp.float32) for m in k} if self.noise else None)
+    return Modulation(k, dict(k), noise)
+
+
+_REGISTRY: dict[str, type[Method]] = {}
+
+
+def register_method(cls: type[Method]) -> type[Method]:
+  """Makes a :class:`Method` subclass reachable by its ``name`` (a decorator)."""
+  if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
+    raise ValueError(f"a method named {cls.name!r} is already registered.")
+  _REGISTRY[cls.name] = cls
+  return cls
+
+
+for _cls in (Method, UnimodalRegularisation, ARL, ARLNoResidual, ARLReleased,
+             ARLReleasedApplied, OGMGE):
+  register_method(_cls)
+
+
+def method_names() -> tuple[str, ...]:
+  return tuple(sorted(_REGISTRY))
+
+
+def make_method(name: str, **kwargs: Any) -> Method:
+  """Builds a registered method by name, e.g. ``make_method("arl", temperature=8)``.
+
+  Raises:
+    ValueError: for an unknown name or a field the method does not have.
+  """
+  if name not in _REGISTRY:
+    raise ValueError(f"unknown method {name!r}; known methods: "
+                     f"{list(method_names())}.")
+  cls = _REGISTRY[name]
+  fields = {f.name for f in dataclasses.fields(cls)}
+  unknown = sorted(set(kwargs) - fields)
+  if unknown:
+    raise ValueError(f"method {name!r} has no field(s) {unknown}; its fields "
+                     f"are {sorted(fields)}.")
+  return cls(**kwargs)
+
+

@@ -1,0 +1,89 @@
+"""A multimodal classifier built from ``{modality: encoder}`` and a fusion head."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from collections.abc import Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+
+from arl_jax import _validation
+from arl_jax.unimodal import fused_and_unimodal_logits
+
+
+class MultimodalClassifier(nn.Module):
+  """Encoders per modality, one shared fusion-and-classifier head.
+
+  ``__call__`` returns ``(fused_logits, {modality: unimodal_logits})``; the
+  unimodal logits are the same head with the other modalities' features
+  zeroed (:func:`arl_jax.fused_and_unimodal_logits`), so ARL needs no extra
+  parameters. The parameter tree has one top-level subtree per modality named
+  after it (plus the head's), so :func:`arl_jax.scale_by_modality` addresses
+  each encoder by name (see :func:`modality_labels`).
+
+  Attributes:
+    encoders: ``{modality: encoder module}``; an encoder maps
+      ``(x, train)`` to ``[batch, features]``.
+    head: the fusion-and-classifier, ``{modality: features} -> logits``.
+  """
+  encoders: Mapping[str, nn.Module]
+  head: nn.Module
+
+  @nn.compact
+  def __call__(self, inputs: Mapping[str, jax.Array], train: bool = False):
+    names = tuple(self.encoders)
+    if "head" in names:
+      raise ValueError("'head' is the fusion head's subtree; rename that "
+                       "modality.")
+    _validation.check_same_modalities(names, inputs, "inputs")
+    features = {m: self.encoders[m].clone(parent=self, name=m)(inputs[m], train)
+                for m in names}
+    return fused_and_unimodal_logits(self.head, features)
+
+
+def init_model(model: nn.Module, rng: jax.Array,
+               inputs: Mapping[str, Any]) -> tuple[Any, Any]:
+  """Initialises ``model`` on example ``inputs``; returns (params, model_state)."""
+  variables = model.init(rng, inputs, train=False)
+  variables = dict(variables)
+  params = variables.pop("params")
+  return params, variables
+
+
+def make_apply_fn(model: nn.Module) -> Callable[..., Any]:
+  """Adapts a Linen multimodal model to the train step's ``apply_fn``.
+
+  The returned function has the signature
+  ``(params, model_state, inputs, *, train, rng) -> (outputs, new_model_state)``
+  with ``model_state`` the non-parameter collections (``batch_stats``); in
+  training every collection present is mutable and updated, in evaluation
+  none is.
+  """
+
+  def apply_fn(params, model_state, inputs, *, train: bool, rng):
+    variables = {"params": params, **model_state}
+    rngs = {"dropout": rng}
+    if train and model_state:
+      outputs, new_state = model.apply(variables, inputs, train=True, rngs=rngs,
+                                       mutable=list(model_state))
+      return outputs, dict(new_state)
+    outputs = model.apply(variables, inputs, train=train, rngs=rngs)
+    return outputs, model_state
+
+  return apply_fn
+
+
+def modality_labels(params: Mapping[str, Any], modalities,
+                    other: str = "shared") -> Any:
+  """Labels each leaf with its top-level key if that is a modality, else ``other``.
+
+  Pass the result (or ``functools.partial(modality_labels,
+  modalities=...)``) to :func:`arl_jax.scale_by_modality`.
+  """
+  modalities = set(modalities)
+  return {k: jax.tree.map(lambda _, k=k: k if k in modalities else other, v)
+          for k, v in params.items()}
+
+

@@ -1,0 +1,177 @@
+"""Per-modality statistics of unimodal predictions (ARL Sec. 3, Eqs. 4 and 17).
+
+Every quantity ARL (and the other balancing rules in :mod:`arl_jax.coefficients`)
+needs is a *sum over examples*. :func:`modality_statistics` computes those sums
+once per step; the public estimators below are ratios of them. Keeping sums
+rather than means is what lets a data-parallel step add them over devices
+(``lax.psum``) and get exactly the global-batch value.
+
+Rows whose logits are not finite (a NaN or Inf anywhere in the row) are left
+out of every sum and counted in ``num_nonfinite``; they never reach the
+coefficients.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from arl_jax import _validation
+
+Array = jax.Array
+
+# Mean entropies below this are treated as this value (nats). In float32 a
+# prediction whose top probability is 1 - eps (eps = 1.2e-7, the float32
+# resolution near 1) has entropy ~2e-6, so entropies below 1e-6 are not
+# resolved anyway; the floor keeps q = 1 / H finite (<= 1e6) when a unimodal
+# prediction saturates and its entropy underflows to exactly 0.
+DEFAULT_ENTROPY_FLOOR = 1e-6
+
+# Per-example floor on probability sums (true-class sums, |logit| sums) used
+# wherever they divide: a batch sum below ``count * 1e-6`` is raised to it.
+DEFAULT_SUM_FLOOR = 1e-6
+
+
+class ModalityStatistics(NamedTuple):
+  """Batch sums over the finite rows of one modality's unimodal logits."""
+  count: Array            # number of finite rows
+  entropy_sum: Array      # sum_i H(softmax(p_i))
+  true_prob_sum: Array    # sum_i softmax(p_i)[y_i]            (Eq. 4 terms)
+  abs_logit_sum: Array    # sum_i sum_c |p_ic|   (the release's "dependency")
+  correct: Array          # sum_i [argmax p_i == y_i]
+  loss_sum: Array         # sum_i CE(p_i, y_i)
+  num_nonfinite: Array    # rows with a NaN/Inf logit (excluded above)
+
+
+def entropy(logits: Array) -> Array:
+  """Softmax entropy of each row, ``H(p) = -sum_c p_c log p_c`` (nats).
+
+  Computed from ``log_softmax`` so that saturated rows give exactly 0 rather
+  than ``0 * -inf = NaN``.
+  """
+  logp = jax.nn.log_softmax(logits, axis=-1)
+  p = jnp.exp(logp)
+  return -jnp.sum(jnp.where(p > 0, p * logp, 0.0), axis=-1)
+
+
+def prediction_statistics(logits: Array, labels: Array,
+                          mask: Array | None = None) -> ModalityStatistics:
+  """Batch sums of one ``[batch, classes]`` prediction (see the module doc)."""
+  if jnp.ndim(logits) != 2:
+    raise ValueError(f"logits must have shape [batch, classes]; got shape "
+                     f"{jnp.shape(logits)}.")
+  logits = jax.lax.stop_gradient(logits).astype(jnp.float32)
+  finite = jnp.all(jnp.isfinite(logits), axis=-1)
+  weight = finite if mask is None else finite & mask.astype(bool)
+  weight_f = weight.astype(jnp.float32)
+  # Replace non-finite rows by zeros before any arithmetic so that no NaN can
+  # leak into the sums (a NaN times zero weight is still NaN).
+  safe = jnp.where(weight[:, None], logits, 0.0)
+  logp = jax.nn.log_softmax(safe, axis=-1)
+  true_logp = jnp.take_along_axis(logp, labels[:, None], axis=-1)[:, 0]
+  in_batch = jnp.ones_like(weight) if mask is None else mask.astype(bool)
+  return ModalityStatistics(
+      count=jnp.sum(weight_f),
+      entropy_sum=jnp.sum(weight_f * entropy(safe)),
+      true_prob_sum=jnp.sum(weight_f * jnp.exp(true_logp)),
+      abs_logit_sum=jnp.sum(weight_f * jnp.sum(jnp.abs(safe), axis=-1)),
+      correct=jnp.sum(weight_f * (jnp.argmax(safe, axis=-1) == labels)),
+      loss_sum=jnp.sum(weight_f * -true_logp),
+      num_nonfinite=jnp.sum((~finite & in_batch).astype(jnp.float32)),
+  )
+
+
+def modality_statistics(logits: Mapping[str, Array], labels: Array,
+                        mask: Array | None = None
+                        ) -> dict[str, ModalityStatistics]:
+  """Sufficient statistics of each modality's unimodal predictions.
+
+  Args:
+    logits: ``{modality: [batch, classes]}`` unimodal logits.
+    labels: ``[batch]`` integer class labels.
+    mask: optional ``[batch]`` boolean; False rows (padding) are ignored.
+
+  Returns:
+    ``{modality: ModalityStatistics}`` of batch sums, carrying no gradient.
+  """
+  names, batch, classes = _validation.check_logits(logits)
+  _validation.check_labels(labels, batch, classes)
+  _validation.check_mask(mask, batch)
+  return {m: prediction_statistics(logits[m], labels, mask) for m in names}
+
+
+def mean_entropy(stats: ModalityStatistics,
+                 entropy_floor: float = DEFAULT_ENTROPY_FLOOR) -> Array:
+  """``max(mean_i H_i, entropy_floor)``; NaN when the batch had no finite row."""
+  mean = stats.entropy_sum / jnp.where(stats.count > 0, stats.count, jnp.nan)
+  return jnp.maximum(mean, entropy_floor)
+
+
+def inverse_variance_from_statistics(
+    stats: Mapping[str, ModalityStatistics],
+    entropy_floor: float = DEFAULT_ENTROPY_FLOOR) -> dict[str, Array]:
+  """Eq. 17 from batch sums: ``q_m = 1 / max(mean_i H(softmax(p_m,i)), floor)``."""
+  return {m: 1.0 / mean_entropy(s, entropy_floor) for m, s in stats.items()}
+
+
+def dependency_from_statistics(stats: Mapping[str, ModalityStatistics]
+                               ) -> dict[str, Array]:
+  """Eq. 4 terms from batch sums: ``s_m = sum_i softmax(p_m,i)[y_i]``."""
+  return {m: s.true_prob_sum for m, s in stats.items()}
+
+
+def unimodal_inverse_variance(
+    logits: Mapping[str, Array], *, mask: Array | None = None,
+    entropy_floor: float = DEFAULT_ENTROPY_FLOOR) -> dict[str, Array]:
+  """Inverse variance of each modality's prediction (ARL Eq. 17).
+
+  .. math::
+    q_m = \\frac{1}{\\max\\big(\\tfrac{1}{B}\\sum_i H(\\mathrm{softmax}(p_{m,i})),
+          \\ \\epsilon\\big)}, \\qquad H(p) = -\\sum_c p_c \\log p_c
+
+  The single-pass entropy of the unimodal prediction is the paper's proxy for
+  the variance of that modality's estimate.
+
+  Args:
+    logits: ``{modality: [batch, classes]}`` unimodal logits (K >= 2).
+    mask: optional ``[batch]`` boolean of rows to use.
+    entropy_floor: ``epsilon`` above (nats, default 1e-6). Saturated
+      predictions have entropy that underflows to 0; the floor keeps q finite
+      (at most ``1 / entropy_floor``) and hence the coefficients finite.
+
+  Returns:
+    ``{modality: q_m}`` float32 scalars, no gradient. Rows with a NaN/Inf
+    logit are excluded; a modality with no finite row gives NaN (the
+    coefficient functions turn that into neutral coefficients).
+  """
+  names, batch, _ = _validation.check_logits(logits)
+  _validation.check_mask(mask, batch)
+  labels = jnp.zeros((batch,), jnp.int32)  # unused by the entropy sums
+  stats = {m: prediction_statistics(logits[m], labels, mask) for m in names}
+  return inverse_variance_from_statistics(stats, entropy_floor)
+
+
+def optimization_dependency(logits: Mapping[str, Array], labels: Array, *,
+                            mask: Array | None = None) -> dict[str, Array]:
+  """Optimisation dependency terms of ARL Eq. 4 (as in OGM-GE).
+
+  .. math:: s_m = \\sum_i \\mathrm{softmax}(p_{m,i})_{y_i}
+
+  the batch sum of each modality's unimodal probability of the true class; the
+  dependency ratio of two modalities is ``d = s_0 / s_1``.
+
+  Returns:
+    ``{modality: s_m}`` float32 scalars, no gradient; rows with a NaN/Inf logit
+    are excluded.
+  """
+  stats = modality_statistics(logits, labels, mask)
+  return dependency_from_statistics(stats)
+
+
+def sum_statistics(stats: Any, axis_name: Any) -> Any:
+  """Adds batch sums over a named device axis (``lax.psum``)."""
+  return jax.tree.map(lambda x: jax.lax.psum(x, axis_name), stats)

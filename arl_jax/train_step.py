@@ -1,0 +1,242 @@
+"""One pure, jittable ARL training step ``(state, batch) -> (state, metrics)``.
+
+The model is any function with the signature of :data:`ApplyFn`::
+
+  apply_fn(params, model_state, inputs, *, train, rng)
+      -> ((fused_logits, {modality: unimodal_logits}), new_model_state)
+
+where ``params`` is a pytree whose encoder subtrees are labelled by modality
+for :func:`arl_jax.scale_by_modality`, ``model_state`` holds mutable
+collections (BatchNorm statistics; ``{}`` if none) and ``inputs`` is
+``{modality: array}``. :func:`arl_jax.fused_and_unimodal_logits` turns a
+fusion head into the two outputs. The step runs the model once, and computes
+the loss (Eq. 22), the statistics (Eqs. 4, 17), the coefficients (Eq. 18) and
+the scaled update inside one computation: nothing goes to the host.
+
+How the step is parallelised (``jax.jit`` with shardings, ``pmap``) is a
+wrapper around this function, not a copy of it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from collections.abc import Mapping
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+from arl_jax import _validation
+from arl_jax import losses
+from arl_jax import statistics as stats_lib
+from arl_jax.methods import Method
+from arl_jax.transforms import ScaleByModalityState
+
+Array = jax.Array
+ApplyFn = Callable[..., tuple[tuple[Array, Mapping[str, Array]], Any]]
+
+
+class TrainState(flax.struct.PyTreeNode):
+  """Everything a step reads and writes; a pytree (checkpoint it whole)."""
+  step: Array          # int32 number of steps taken (drives the warm-up)
+  params: Any
+  opt_state: Any
+  model_state: Any     # mutable model collections, e.g. {"batch_stats": ...}
+  rng: Array           # base key; step t uses fold_in(rng, t)
+
+  @classmethod
+  def create(cls, *, params: Any, tx: optax.GradientTransformation,
+             rng: Array, model_state: Any = None) -> TrainState:
+    return cls(step=jnp.zeros((), jnp.int32), params=params,
+               opt_state=tx.init(params),
+               model_state={} if model_state is None else model_state,
+               rng=rng)
+
+
+def _unpack_batch(batch: Mapping[str, Any]):
+  if not isinstance(batch, Mapping) or "inputs" not in batch or (
+      "labels" not in batch):
+    raise ValueError("a batch must be a mapping with 'inputs' "
+                     "({modality: array}) and 'labels' ([batch] int); got "
+                     f"{type(batch).__name__} with keys "
+                     f"{sorted(batch) if isinstance(batch, Mapping) else '-'}.")
+  unknown = set(batch) - {"inputs", "labels", "mask"}
+  if unknown:
+    raise ValueError(f"unknown batch keys {sorted(unknown)}; a batch has "
+                     "'inputs', 'labels' and optionally 'mask'.")
+  return batch["inputs"], batch["labels"], batch.get("mask")
+
+
+def _has_scale_by_modality(opt_state: Any) -> bool:
+  return any(isinstance(x, ScaleByModalityState) for x in jax.tree.leaves(
+      opt_state, is_leaf=lambda x: isinstance(x, ScaleByModalityState)))
+
+
+def _check_outputs(outputs: Any, inputs: Mapping[str, Any]):
+  try:
+    fused, unimodal = outputs
+  except (TypeError, ValueError):
+    raise ValueError("apply_fn must return ((fused_logits, {modality: "
+                     "unimodal_logits}), new_model_state).") from None
+  names = _validation.modality_names(unimodal, "unimodal logits")
+  if isinstance(inputs, Mapping):
+    _validation.check_same_modalities(tuple(inputs), unimodal,
+                                      "the model's unimodal logits")
+  return fused, unimodal, names
+
+
+def _tree_all_finite(tree: Any) -> Array:
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
+
+
+def _per_modality_metrics(stats, modulation, scales) -> dict[str, Any]:
+  count = {m: jnp.maximum(s.count, 1.0) for m, s in stats.items()}
+  return {
+      "q": stats_lib.inverse_variance_from_statistics(stats),
+      "s": stats_lib.dependency_from_statistics(stats),
+      "a": dict(modulation.coefficients),
+      "scale": dict(scales),
+      "unimodal_loss": {m: s.loss_sum / count[m] for m, s in stats.items()},
+      "unimodal_accuracy": {m: s.correct / count[m] for m, s in stats.items()},
+      "nonfinite_rows": {m: s.num_nonfinite for m, s in stats.items()},
+  }
+
+
+def make_train_step(apply_fn: ApplyFn, tx: optax.GradientTransformation,
+                    method: Method, *, warmup_steps: int | Array = 0,
+                    skip_nonfinite_updates: bool = True
+                    ) -> Callable[[TrainState, Mapping[str, Any]],
+                                  tuple[TrainState, dict[str, Any]]]:
+  """Builds the training step of a balancing ``method`` (ARL by default use).
+
+  Per step ``t`` (all inside one traced computation):
+
+  1. run the model once: fused and unimodal logits;
+  2. loss ``L = CE(p_f, y) + gamma_t * sum_m CE(p_m, y)`` (Eq. 22) and its
+     gradients;
+  3. the method's coefficients from the batch sums of the unimodal
+     predictions (for ARL: Eq. 17, Eq. 4, Eq. 18), without gradient;
+  4. ``tx.update(grads, ..., modality_scales=scales_t)``, ``tx`` starting with
+     :func:`arl_jax.scale_by_modality`.
+
+  Warm-up, driven by ``state.step`` (no recompilation): while ``t <
+  warmup_steps`` the scales are 1, no noise is added and ``gamma_t =
+  method.warmup_gamma`` (1 for ARL: "no modulation, unimodal weight 1");
+  afterwards ``gamma_t = method.gamma`` and the method's scales apply. The
+  coefficients are computed and reported throughout.
+
+  Non-finite values: rows with a NaN/Inf unimodal logit are left out of the
+  statistics, so coefficients stay finite (neutral if a modality has no finite
+  row). If the loss or any gradient is not finite and
+  ``skip_nonfinite_updates`` is True, parameters, optimiser and model state
+  are kept as they were, ``metrics["update_skipped"]`` is 1 and the step
+  counter still advances; the next finite batch trains normally.
+
+  Args:
+    apply_fn: the model, see :data:`ApplyFn`.
+    tx: the optimiser; must contain :func:`arl_jax.scale_by_modality` (first,
+      so that clipping and momentum see the scaled gradients).
+    method: an :class:`arl_jax.methods.Method` (``ARL(...)``, ``OGMGE(...)``).
+    warmup_steps: number of initial steps without modulation.
+    skip_nonfinite_updates: see above.
+
+  Returns:
+    ``train_step(state, batch) -> (state, metrics)``; ``batch`` is
+    ``{"inputs": {modality: x}, "labels": y, "mask": optional bool [batch]}``.
+    ``metrics`` holds scalars ``loss``, ``fused_loss``, ``accuracy``,
+    ``gamma``, ``warmup``, ``grad_norm``, ``update_skipped`` and per-modality
+    mappings ``q``, ``s``, ``a``, ``scale``, ``unimodal_loss``,
+    ``unimodal_accuracy``, ``nonfinite_rows``.
+  """
+
+  def train_step(state: TrainState, batch: Mapping[str, Any]):
+    inputs, labels, mask = _unpack_batch(batch)
+    if not _has_scale_by_modality(state.opt_state):
+      raise ValueError(
+          "the optimiser state has no scale_by_modality: build tx as "
+          "optax.chain(arl_jax.scale_by_modality(param_labels), ...), "
+          "otherwise the method's gradient scales would be silently ignored.")
+    rng = jax.random.fold_in(state.rng, state.step)
+    in_warmup = state.step < warmup_steps
+    gamma = jnp.where(in_warmup, method.warmup_gamma, method.gamma)
+
+    def loss_fn(params):
+      outputs, new_model_state = apply_fn(params, state.model_state, inputs,
+                                          train=True, rng=rng)
+      fused, unimodal, _ = _check_outputs(outputs, inputs)
+      loss = losses.arl_loss(fused, unimodal, labels, gamma, mask=mask)
+      return loss, (fused, unimodal, new_model_state)
+
+    (loss, (fused, unimodal, new_model_state)), grads = jax.value_and_grad(
+        loss_fn, has_aux=True)(state.params)
+
+    stats = stats_lib.modality_statistics(unimodal, labels, mask)
+    modulation = method.modulation(stats)
+    scales = {m: jnp.where(in_warmup, 1.0, v).astype(jnp.float32)
+              for m, v in modulation.scales.items()}
+    extra = {"modality_scales": scales}
+    if modulation.noise is not None:
+      extra["modality_noise"] = {m: jnp.where(in_warmup, 0.0, v)
+                                 for m, v in modulation.noise.items()}
+    updates, opt_state = tx.update(grads, state.opt_state, state.params,
+                                   **extra)
+    params = optax.apply_updates(state.params, updates)
+
+    ok = jnp.isfinite(loss) & _tree_all_finite(grads)
+    if skip_nonfinite_updates:
+      keep = lambda new, old: jax.tree.map(
+          lambda n, o: jnp.where(ok, n, o), new, old)
+      params = keep(params, state.params)
+      opt_state = keep(opt_state, state.opt_state)
+      new_model_state = keep(new_model_state, state.model_state)
+
+    fused_stats = stats_lib.prediction_statistics(fused, labels, mask)
+    metrics = {
+        "loss": loss,
+        "fused_loss": fused_stats.loss_sum / jnp.maximum(fused_stats.count, 1),
+        "accuracy": fused_stats.correct / jnp.maximum(fused_stats.count, 1),
+        "gamma": gamma,
+        "warmup": in_warmup.astype(jnp.float32),
+        "grad_norm": optax.global_norm(grads),
+        "update_skipped": (~ok).astype(jnp.float32),
+        **_per_modality_metrics(stats, modulation, scales),
+    }
+    new_state = state.replace(step=state.step + 1, params=params,
+                              opt_state=opt_state,
+                              model_state=new_model_state)
+    return new_state, metrics
+
+  return train_step
+
+
+def make_eval_step(apply_fn: ApplyFn) -> Callable[..., dict[str, Any]]:
+  """Builds ``eval_step(state, batch) -> sums`` for exact dataset metrics.
+
+  Returns batch *sums* (``count``, ``correct``, ``loss_sum`` and per-modality
+  ``unimodal_correct``) plus per-row ``predictions`` and ``valid``, so that
+  adding them over batches gives exact accuracy on the whole split, padded
+  last batch included (rows with ``mask`` False count nowhere).
+  """
+
+  def eval_step(state: TrainState, batch: Mapping[str, Any]):
+    inputs, labels, mask = _unpack_batch(batch)
+    outputs, _ = apply_fn(state.params, state.model_state, inputs,
+                          train=False, rng=state.rng)
+    fused, unimodal, _ = _check_outputs(outputs, inputs)
+    fused_stats = stats_lib.prediction_statistics(fused, labels, mask)
+    stats = stats_lib.modality_statistics(unimodal, labels, mask)
+    valid = jnp.ones(labels.shape, bool) if mask is None else mask.astype(bool)
+    # Rows with a non-finite prediction count as errors, not as absent.
+    return {
+        "count": jnp.sum(valid.astype(jnp.float32)),
+        "correct": fused_stats.correct,
+        "loss_sum": fused_stats.loss_sum,
+        "unimodal_correct": {m: s.correct for m, s in stats.items()},
+        "predictions": jnp.argmax(fused, axis=-1),
+        "valid": valid,
+    }
+
+  return eval_step

@@ -1,0 +1,1 @@
+"""Training scripts and configs built on the arl_jax library."""
