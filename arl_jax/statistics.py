@@ -6,9 +6,9 @@ once per step; the public estimators below are ratios of them. Keeping sums
 rather than means is what lets a data-parallel step add them over devices
 (``lax.psum``) and get exactly the global-batch value.
 
-Rows whose logits are not finite (a NaN or Inf anywhere in the row) are left
-out of every sum and counted in ``num_nonfinite``; they never reach the
-coefficients.
+Rows whose logits are not finite (a NaN or Inf anywhere in the row, in any
+modality) are left out of every modality's sums and counted in
+``num_nonfinite``; they never reach the coefficients.
 """
 
 from __future__ import annotations
@@ -101,7 +101,17 @@ def modality_statistics(logits: Mapping[str, Array], labels: Array,
   names, batch, classes = _validation.check_logits(logits)
   _validation.check_labels(labels, batch, classes)
   _validation.check_mask(mask, batch)
-  return {m: prediction_statistics(logits[m], labels, mask) for m in names}
+  # A row with a non-finite logit in any modality is dropped from every
+  # modality, so that all sums (and ratios of sums) cover the same examples.
+  finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(logits[m]), axis=-1)
+                              for m in names]), axis=0)
+  rows = finite if mask is None else finite & jnp.asarray(mask, bool)
+  stats = {m: prediction_statistics(logits[m], labels, rows) for m in names}
+  in_batch = (jnp.ones_like(finite) if mask is None
+              else jnp.asarray(mask, bool))
+  return {m: s._replace(num_nonfinite=jnp.sum(
+      (~jnp.all(jnp.isfinite(logits[m]), axis=-1) & in_batch)
+      .astype(jnp.float32))) for m, s in stats.items()}
 
 
 def mean_entropy(stats: ModalityStatistics,
@@ -151,7 +161,7 @@ def unimodal_inverse_variance(
   names, batch, _ = _validation.check_logits(logits)
   _validation.check_mask(mask, batch)
   labels = jnp.zeros((batch,), jnp.int32)  # unused by the entropy sums
-  stats = {m: prediction_statistics(logits[m], labels, mask) for m in names}
+  stats = modality_statistics(logits, labels, mask)
   return inverse_variance_from_statistics(stats, entropy_floor)
 
 

@@ -200,7 +200,7 @@ def make_train_step(apply_fn: ApplyFn, tx: optax.GradientTransformation,
         "accuracy": fused_stats.correct / jnp.maximum(fused_stats.count, 1),
         "gamma": gamma,
         "warmup": in_warmup.astype(jnp.float32),
-        "grad_norm": optax.global_norm(grads),
+        "grad_norm": optax.tree.norm(grads),
         "update_skipped": (~ok).astype(jnp.float32),
         **_per_modality_metrics(stats, modulation, scales),
     }
