@@ -1,17 +1,43 @@
-"""Flax (Linen) encoders, fusion heads and the multimodal classifier."""
+"""Flax (Linen) encoders, fusion heads and multimodal classifiers.
 
+Linen rather than NNX: the library's contract is a pure ``apply_fn`` over a
+plain nested-dict parameter pytree (what optax labels, ``pmap``/shardings
+replicate and orbax saves). Linen's ``apply`` is exactly that; NNX gets there
+through ``nnx.split``/``nnx.merge`` and wraps every leaf in a ``Param`` node.
+"""
+
+from arl_jax.models.builders import audio_visual_classifier
+from arl_jax.models.builders import multiview_classifier
 from arl_jax.models.fusion import ConcatFusion
+from arl_jax.models.fusion import FiLMFusion
+from arl_jax.models.fusion import GatedFusion
+from arl_jax.models.fusion import SumFusion
+from arl_jax.models.fusion import make_fusion
 from arl_jax.models.mlp import MLPEncoder
 from arl_jax.models.multimodal import MultimodalClassifier
 from arl_jax.models.multimodal import init_model
 from arl_jax.models.multimodal import make_apply_fn
 from arl_jax.models.multimodal import modality_labels
+from arl_jax.models.resnet import BasicBlock
+from arl_jax.models.resnet import FrameEncoder
+from arl_jax.models.resnet import ResNet18
+from arl_jax.models.resnet import SpectrogramEncoder
 
 __all__ = [
+    "BasicBlock",
     "ConcatFusion",
+    "FiLMFusion",
+    "FrameEncoder",
+    "GatedFusion",
     "MLPEncoder",
     "MultimodalClassifier",
+    "ResNet18",
+    "SpectrogramEncoder",
+    "SumFusion",
+    "audio_visual_classifier",
     "init_model",
     "make_apply_fn",
+    "make_fusion",
     "modality_labels",
+    "multiview_classifier",
 ]

@@ -14,10 +14,15 @@ class MLPEncoder(nn.Module):
 
   Attributes:
     features: widths of the hidden layers (the last one is the output width).
+    input_dim: expected input width (``None``: any).
     dtype: compute dtype (parameters stay float32).
   """
   features: Sequence[int] = (64,)
+  input_dim: int | None = None
   dtype: jnp.dtype = jnp.float32
+
+  def expected_shape(self):
+    return None if self.input_dim is None else (self.input_dim,)
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:

@@ -8,6 +8,7 @@ from typing import Any
 
 import flax.linen as nn
 import jax
+import numpy as np
 
 from arl_jax import _validation
 from arl_jax.unimodal import fused_and_unimodal_logits
@@ -31,15 +32,43 @@ class MultimodalClassifier(nn.Module):
   encoders: Mapping[str, nn.Module]
   head: nn.Module
 
-  @nn.compact
-  def __call__(self, inputs: Mapping[str, jax.Array], train: bool = False):
+  def check_inputs(self, inputs: Mapping[str, Any]) -> None:
+    """Raises a ValueError naming the modality if an input's shape is wrong.
+
+    Runs on shapes only, so inside ``jax.jit`` it fails at trace time, before
+    anything is compiled.
+    """
     names = tuple(self.encoders)
     if "head" in names:
       raise ValueError("'head' is the fusion head's subtree; rename that "
                        "modality.")
     _validation.check_same_modalities(names, inputs, "inputs")
+    batch = None
+    for m in names:
+      shape = tuple(np.shape(inputs[m]))
+      expected = getattr(self.encoders[m], "expected_shape", lambda: None)()
+      if expected is not None and (
+          len(shape) != len(expected) + 1 or
+          any(e is not None and e != s for e, s in zip(expected, shape[1:]))):
+        want = ", ".join("any" if e is None else str(e) for e in expected)
+        raise ValueError(f"input of modality {m!r} has shape {shape}; its "
+                         f"encoder expects [batch, {want}].")
+      if batch is None:
+        batch, first = shape[0], m
+      elif shape[0] != batch:
+        raise ValueError(f"input of modality {m!r} has batch size {shape[0]} "
+                         f"but {first!r} has {batch}.")
+
+  @nn.compact
+  def __call__(self, inputs: Mapping[str, jax.Array], train: bool = False,
+               fused_only: bool = False):
+    """Returns ``(fused, {m: unimodal})``, or only ``fused`` if ``fused_only``."""
+    self.check_inputs(inputs)
+    names = tuple(self.encoders)
     features = {m: self.encoders[m].clone(parent=self, name=m)(inputs[m], train)
                 for m in names}
+    if fused_only:
+      return self.head(features)
     return fused_and_unimodal_logits(self.head, features)
 
 
@@ -64,7 +93,7 @@ def make_apply_fn(model: nn.Module) -> Callable[..., Any]:
 
   def apply_fn(params, model_state, inputs, *, train: bool, rng):
     variables = {"params": params, **model_state}
-    rngs = {"dropout": rng}
+    rngs = {} if rng is None else {"dropout": rng}
     if train and model_state:
       outputs, new_state = model.apply(variables, inputs, train=True, rngs=rngs,
                                        mutable=list(model_state))
