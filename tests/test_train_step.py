@@ -104,7 +104,7 @@ def test_warmup_switches_on_at_the_right_step():
   jstep = jax.jit(step)
   batches = iterate_batches(x, y, 32)
   seen = []
-  for t in range(5):
+  for _ in range(5):
     state, metrics = jstep(state, next(batches))
     seen.append((float(metrics["warmup"]), float(metrics["gamma"]),
                  float(metrics["scale"]["audio"]), float(metrics["a"]["audio"])))

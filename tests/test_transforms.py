@@ -36,7 +36,7 @@ def test_scales_exactly_the_labelled_leaves():
 
 
 def test_callable_labels_and_subset_of_modalities():
-  fn = lambda p: {k: jax.tree.map(lambda _: k, v) for k, v in p.items()}
+  fn = lambda p: {k: jax.tree.map(lambda _, k=k: k, v) for k, v in p.items()}
   tx = arl_jax.scale_by_modality(fn)
   g = _grads(1)
   out, _ = tx.update(g, tx.init(PARAMS), PARAMS, modality_scales={"visual": 3.0})
