@@ -54,5 +54,13 @@ def arl_loss(fused_logits: Array, unimodal_logits: Mapping[str, Array],
         f"logits have shape {(batch, classes)}.")
   _validation.check_labels(labels, batch, classes)
   _validation.check_mask(mask, batch)
-  unimodal = sum(cross_entropy(unimodal_logits[m], labels, mask) for m in names)
-  return cross_entropy(fused_logits, labels, mask) + gamma * unimodal
+  # All K + 1 cross-entropies in one batched computation.
+  stacked = jnp.stack([fused_logits] + [unimodal_logits[m] for m in names])
+  per_example = optax.softmax_cross_entropy_with_integer_labels(
+      stacked.astype(jnp.float32), labels[None])                  # [K+1, B]
+  if mask is None:
+    ce = jnp.mean(per_example, axis=-1)
+  else:
+    w = jnp.asarray(mask, jnp.float32)
+    ce = jnp.sum(per_example * w, axis=-1) / jnp.maximum(jnp.sum(w), 1.0)
+  return ce[0] + gamma * jnp.sum(ce[1:])

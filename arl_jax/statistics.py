@@ -101,17 +101,20 @@ def modality_statistics(logits: Mapping[str, Array], labels: Array,
   names, batch, classes = _validation.check_logits(logits)
   _validation.check_labels(labels, batch, classes)
   _validation.check_mask(mask, batch)
-  # A row with a non-finite logit in any modality is dropped from every
-  # modality, so that all sums (and ratios of sums) cover the same examples.
-  finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(logits[m]), axis=-1)
-                              for m in names]), axis=0)
-  rows = finite if mask is None else finite & jnp.asarray(mask, bool)
-  stats = {m: prediction_statistics(logits[m], labels, rows) for m in names}
-  in_batch = (jnp.ones_like(finite) if mask is None
-              else jnp.asarray(mask, bool))
-  return {m: s._replace(num_nonfinite=jnp.sum(
-      (~jnp.all(jnp.isfinite(logits[m]), axis=-1) & in_batch)
-      .astype(jnp.float32))) for m, s in stats.items()}
+  # One batched computation over a [K, batch, classes] stack (few large ops
+  # rather than K small ones). A row with a non-finite logit in any modality
+  # is dropped from every modality, so that all sums (and ratios of sums)
+  # cover the same examples.
+  stacked = jnp.stack([jnp.asarray(logits[m]) for m in names])
+  row_finite = jnp.all(jnp.isfinite(stacked), axis=-1)            # [K, B]
+  rows = jnp.all(row_finite, axis=0)
+  in_batch = jnp.ones((batch,), bool) if mask is None else jnp.asarray(mask, bool)
+  stats = jax.vmap(prediction_statistics, in_axes=(0, None, None))(
+      stacked, labels, rows & in_batch)
+  stats = stats._replace(num_nonfinite=jnp.sum(
+      (~row_finite & in_batch).astype(jnp.float32), axis=-1))
+  return {m: jax.tree.map(lambda x, i=i: x[i], stats)
+          for i, m in enumerate(names)}
 
 
 def mean_entropy(stats: ModalityStatistics,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from collections.abc import Mapping
 from typing import Any
@@ -27,26 +28,47 @@ def zero_other_modalities(features: Mapping[str, Any], keep: str
 
 def fused_and_unimodal_logits(
     head_fn: Callable[[Mapping[str, Any]], Array],
-    features: Mapping[str, Any]) -> tuple[Array, dict[str, Array]]:
+    features: Mapping[str, Any], *,
+    row_independent: bool = True) -> tuple[Array, dict[str, Array]]:
   """Fused logits and every unimodal logit from one fusion-and-classifier.
 
   ARL's unimodal logits need no extra parameters: they are the *same* fusion
   module and classifier applied with every other modality's representation
   replaced by zeros. For concatenation ``f = W [z_0; z_1] + b``:
   ``p_0 = W [z_0; 0] + b`` and ``p_1 = W [0; z_1] + b`` (bias included).
-  Nothing here depends on the kind of fusion: ``head_fn`` is called K + 1
-  times, once on the real features and once per modality with the others
-  zeroed.
+  Nothing here depends on the kind of fusion.
+
+  With ``row_independent=True`` (default) the K + 1 inputs (real features,
+  then each modality alone) are stacked along the batch axis and the head runs
+  once on ``(K + 1) * batch`` rows: one large matmul instead of K + 1 small
+  ones. That requires a head whose output rows depend only on their own input
+  rows (true of every linear, gated, FiLM or attention-over-modalities head;
+  false for a head with BatchNorm in training mode). Otherwise pass
+  ``row_independent=False`` to call ``head_fn`` K + 1 times.
 
   Args:
     head_fn: maps ``{modality: features}`` to ``[batch, classes]`` logits
       (a closure over the head's parameters, or a bound Flax submodule).
-    features: ``{modality: features}`` (each value an array or pytree), K >= 2.
+    features: ``{modality: features}`` (arrays with a leading batch axis),
+      K >= 2.
+    row_independent: see above.
 
   Returns:
     ``(fused_logits, {modality: unimodal_logits})``.
   """
   names = _validation.modality_names(features, "features")
-  fused = head_fn(dict(features))
-  unimodal = {m: head_fn(zero_other_modalities(features, m)) for m in names}
-  return fused, unimodal
+  if not row_independent:
+    fused = head_fn(dict(features))
+    unimodal = {m: head_fn(zero_other_modalities(features, m)) for m in names}
+    return fused, unimodal
+  variants = (None,) + names     # None: all modalities present
+
+  def stack(m, x):
+    return jnp.concatenate([x if v in (None, m) else jnp.zeros_like(x)
+                            for v in variants], axis=0)
+
+  stacked = {m: jax.tree.map(functools.partial(stack, m), f)
+             for m, f in features.items()}
+  logits = head_fn(stacked)
+  parts = jnp.split(logits, len(variants), axis=0)
+  return parts[0], {m: parts[i + 1] for i, m in enumerate(names)}

@@ -1,0 +1,384 @@
+"""Samples/s of one full ARL training step: arl_jax vs a PyTorch reference.
+
+In one process, for each configuration (model, batch size, dtype) it times:
+
+1. ``arl_jax``: the library's ARL train step (forward, unimodal logits through
+   the shared head, ARL loss, statistics, coefficients, scaled gradients, clip
+   40, SGD momentum 0.9 + weight decay 1e-4), jitted with donated state;
+2. ``jax_plain``: the same jitted step without ARL (fused logits only, one
+   cross-entropy, no statistics, no scaling) -> ARL's overhead;
+3. ``torch_ref``: :mod:`benchmarks.torch_reference`, the reference step in
+   PyTorch (host-side coefficient statistics every step, as released).
+
+Each is timed as the median of ``--steps`` steps after ``--warmup`` steps
+(synchronised each step); JAX compile time is measured separately (AOT
+``lower().compile()``). Peak memory: process RSS sampled during each phase on
+CPU, device peak bytes on GPU. Results go to ``benchmarks/results/`` as JSON
+and a markdown table.
+
+  python -m benchmarks.step                    # CPU defaults (batch 8)
+  python -m benchmarks.step --preset gpu       # batch 64 and 256, fp32 + bf16
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import functools
+import json
+import os
+import pathlib
+import platform
+import statistics
+import sys
+import threading
+import time
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+import flax  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+
+import arl_jax  # noqa: E402
+from arl_jax import models  # noqa: E402
+
+RESULTS = pathlib.Path(__file__).resolve().parent / "results"
+UCI_DIMS = {"fourier": 76, "profile": 216, "karhunen": 64, "pixel": 240,
+            "zernike": 47, "morphological": 6}
+
+
+class PeakRSS:
+  """Samples this process's resident set size in a thread (CPU memory)."""
+
+  def __init__(self, interval=0.005):
+    self.interval, self.peak, self._stop = interval, 0, threading.Event()
+
+  @staticmethod
+  def current():
+    with open("/proc/self/status") as f:
+      for line in f:
+        if line.startswith("VmRSS:"):
+          return int(line.split()[1]) * 1024
+    return 0
+
+  def __enter__(self):
+    self.peak = self.current()
+    self._thread = threading.Thread(target=self._run, daemon=True)
+    self._thread.start()
+    return self
+
+  def _run(self):
+    while not self._stop.is_set():
+      self.peak = max(self.peak, self.current())
+      time.sleep(self.interval)
+
+  def __exit__(self, *exc):
+    self._stop.set()
+    self._thread.join()
+
+
+def _median_time(fn, steps, warmup):
+  for _ in range(warmup):
+    fn()
+  times = []
+  for _ in range(steps):
+    start = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - start)
+  return statistics.median(times), times
+
+
+# ----------------------------------------------------------------- JAX side --
+
+def _jax_inputs(kind, batch, seed=0):
+  rng = np.random.default_rng(seed)
+  if kind == "resnet":
+    x = {"audio": rng.normal(size=(batch, 257, 188)),
+         "visual": rng.normal(size=(batch, 1, 224, 224, 3))}
+    classes = 6
+  else:
+    x = {m: rng.normal(size=(batch, d)) for m, d in UCI_DIMS.items()}
+    classes = 10
+  x = {m: jnp.asarray(v, jnp.float32) for m, v in x.items()}
+  y = jnp.asarray(rng.integers(0, classes, batch), jnp.int32)
+  return x, y, classes
+
+
+def _jax_model(kind, classes, dtype):
+  if kind == "resnet":
+    return models.audio_visual_classifier(classes, dtype=dtype)
+  return models.multiview_classifier(UCI_DIMS, classes, encoder_widths=(64,),
+                                     dtype=dtype)
+
+
+def _optimizer():
+  return [optax.clip_by_global_norm(40.0), optax.add_decayed_weights(1e-4),
+          optax.sgd(1e-3, momentum=0.9)]
+
+
+def jax_steps(kind, batch, dtype):
+  """Returns {"arl_jax": (step, state, batch), "jax_plain": ...}."""
+  x, y, classes = _jax_inputs(kind, batch)
+  model = _jax_model(kind, classes, dtype)
+  names = tuple(x)
+  params, model_state = models.init_model(model, jax.random.PRNGKey(0), x)
+  apply_fn = models.make_apply_fn(model)
+  labels = functools.partial(models.modality_labels, modalities=names)
+  arl_tx = optax.chain(arl_jax.scale_by_modality(labels), *_optimizer())
+  arl_state = arl_jax.TrainState.create(params=params, tx=arl_tx,
+                                        model_state=model_state,
+                                        rng=jax.random.PRNGKey(1))
+  arl_step = arl_jax.make_train_step(
+      apply_fn, arl_tx, arl_jax.ARL(temperature=8.0, gamma=4.0))
+
+  plain_tx = optax.chain(*_optimizer())
+  plain_state = arl_jax.TrainState.create(
+      params=jax.tree.map(jnp.copy, params), tx=plain_tx,
+      model_state=jax.tree.map(jnp.copy, model_state), rng=jax.random.PRNGKey(1))
+
+  def plain_step(state, batch):
+    def loss_fn(p):
+      variables = {"params": p, **state.model_state}
+      if state.model_state:
+        fused, new_ms = model.apply(variables, batch["inputs"], train=True,
+                                    fused_only=True,
+                                    mutable=list(state.model_state))
+      else:
+        fused, new_ms = model.apply(variables, batch["inputs"], train=True,
+                                    fused_only=True), {}
+      return arl_jax.cross_entropy(fused, batch["labels"]), new_ms
+    (loss, new_ms), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.params)
+    updates, opt_state = plain_tx.update(grads, state.opt_state, state.params)
+    return state.replace(step=state.step + 1,
+                         params=optax.apply_updates(state.params, updates),
+                         opt_state=opt_state, model_state=dict(new_ms)), {
+                             "loss": loss}
+
+  data = {"inputs": x, "labels": y}
+  return {"arl_jax": (arl_step, arl_state, data),
+          "jax_plain": (plain_step, plain_state, data)}
+
+
+def time_jax(step, state, batch, steps, warmup):
+  start = time.perf_counter()
+  compiled = jax.jit(step, donate_argnums=0).lower(state, batch).compile()
+  compile_s = time.perf_counter() - start
+  holder = {"state": state}
+
+  def run():
+    holder["state"], metrics = compiled(holder["state"], batch)
+    jax.block_until_ready(metrics["loss"])
+
+  with PeakRSS() as rss:
+    median, times = _median_time(run, steps, warmup)
+  device = jax.devices()[0]
+  mem = None
+  if device.platform != "cpu":
+    stats = device.memory_stats() or {}
+    mem = stats.get("peak_bytes_in_use")
+  return {"median_s": median, "compile_s": compile_s, "times_s": times,
+          "peak_rss_bytes": rss.peak, "peak_device_bytes": mem}
+
+
+# --------------------------------------------------------------- torch side --
+
+def time_torch(kind, batch, dtype, steps, warmup, device):
+  import torch
+
+  from benchmarks import torch_reference as tr
+  torch.manual_seed(0)
+  rng = np.random.default_rng(0)
+  if kind == "resnet":
+    model = tr.audio_visual_model(6)
+    x = {"audio": rng.normal(size=(batch, 257, 188)),
+         "visual": rng.normal(size=(batch, 1, 3, 224, 224))}
+    classes = 6
+  else:
+    model = tr.multiview_model(UCI_DIMS, 64, 10)
+    x = {m: rng.normal(size=(batch, d)) for m, d in UCI_DIMS.items()}
+    classes = 10
+  x = {m: torch.as_tensor(v, dtype=torch.float32, device=device)
+       for m, v in x.items()}
+  y = torch.as_tensor(rng.integers(0, classes, batch), device=device)
+  step = tr.ReferenceStep(model, temperature=8.0, gamma=4.0, device=device,
+                          autocast_dtype=torch.bfloat16 if dtype == "bfloat16"
+                          else None)
+  cuda = device.startswith("cuda")
+  if cuda:
+    torch.cuda.reset_peak_memory_stats()
+
+  def run():
+    step(x, y)
+    if cuda:
+      torch.cuda.synchronize()
+
+  with PeakRSS() as rss:
+    median, times = _median_time(run, steps, warmup)
+  return {"median_s": median, "compile_s": None, "times_s": times,
+          "peak_rss_bytes": rss.peak,
+          "peak_device_bytes": torch.cuda.max_memory_allocated() if cuda
+          else None}
+
+
+# ------------------------------------------------------------------ driver --
+
+PRESETS = {
+    "cpu": {"resnet": [(8, "float32"), (8, "bfloat16")],
+            "mlp": [(64, "float32")]},
+    "gpu": {"resnet": [(64, "float32"), (64, "bfloat16"), (256, "float32"),
+                       (256, "bfloat16")],
+            "mlp": [(64, "float32")]},
+}
+
+
+def _versions():
+  out = {"python": platform.python_version(), "jax": jax.__version__,
+         "jaxlib": jax.lib.__version__ if hasattr(jax.lib, "__version__")
+         else None, "flax": flax.__version__, "optax": optax.__version__,
+         "arl_jax": arl_jax.__version__}
+  try:
+    import jaxlib
+    out["jaxlib"] = jaxlib.__version__
+  except ImportError:
+    pass
+  try:
+    import torch
+    out["torch"] = torch.__version__
+  except ImportError:
+    out["torch"] = None
+  return out
+
+
+def _machine():
+  cpu = platform.processor()
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          cpu = line.split(":", 1)[1].strip()
+          break
+  except OSError:
+    pass
+  return {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform()}
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--preset", choices=sorted(PRESETS),
+                      default="gpu" if jax.default_backend() == "gpu" else "cpu")
+  parser.add_argument("--models", default="resnet,mlp")
+  parser.add_argument("--steps", type=int, default=None,
+                      help="timed steps (default: 30 on GPU, 5 ResNet/100 MLP "
+                           "on CPU)")
+  parser.add_argument("--warmup", type=int, default=None)
+  parser.add_argument("--skip-torch", action="store_true")
+  parser.add_argument("--out", default=None, help="results file stem")
+  args = parser.parse_args(argv)
+
+  backend = jax.default_backend()
+  torch_device = "cuda" if backend == "gpu" else "cpu"
+  rows = []
+  for kind in args.models.split(","):
+    for batch, dtype in PRESETS[args.preset][kind]:
+      if args.steps is not None:
+        steps = args.steps
+      else:
+        steps = 30 if backend != "cpu" else (5 if kind == "resnet" else 100)
+      warmup = args.warmup if args.warmup is not None else (
+          8 if backend != "cpu" else (1 if kind == "resnet" else 20))
+      jdtype = jnp.bfloat16 if dtype == "bfloat16" else jnp.float32
+      row = {"model": kind, "batch": batch, "dtype": dtype, "steps": steps,
+             "warmup": warmup, "results": {}}
+      for name, (step, state, data) in jax_steps(kind, batch, jdtype).items():
+        print(f"[{kind} b{batch} {dtype}] {name} ...", flush=True)
+        row["results"][name] = time_jax(step, state, data, steps, warmup)
+        del state
+      if not args.skip_torch:
+        print(f"[{kind} b{batch} {dtype}] torch_ref ...", flush=True)
+        row["results"]["torch_ref"] = time_torch(kind, batch, dtype, steps,
+                                                 warmup, torch_device)
+      for r in row["results"].values():
+        r["samples_per_s"] = batch / r["median_s"]
+      res = row["results"]
+      row["arl_overhead"] = res["arl_jax"]["median_s"] / res["jax_plain"][
+          "median_s"] - 1.0
+      if "torch_ref" in res:
+        row["speedup_vs_torch"] = (res["arl_jax"]["samples_per_s"] /
+                                   res["torch_ref"]["samples_per_s"])
+      print(_row_line(row), flush=True)
+      rows.append(row)
+
+  device = jax.devices()[0]
+  report = {
+      "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+      "command": "python -m benchmarks.step " + " ".join(
+          argv if argv is not None else sys.argv[1:]),
+      "machine": _machine(),
+      "device": {"platform": device.platform, "kind": device.device_kind,
+                 "count": jax.device_count()},
+      "versions": _versions(),
+      "rows": rows,
+  }
+  RESULTS.mkdir(parents=True, exist_ok=True)
+  stem = args.out or f"step_{device.platform}"
+  (RESULTS / f"{stem}.json").write_text(json.dumps(report, indent=1))
+  (RESULTS / f"{stem}.md").write_text(markdown(report))
+  print(markdown(report))
+  return report
+
+
+def _row_line(row):
+  res = row["results"]
+  parts = [f"{k} {v['samples_per_s']:.1f}/s" for k, v in res.items()]
+  extra = f"ARL overhead {100 * row['arl_overhead']:+.1f}%"
+  if "speedup_vs_torch" in row:
+    extra += f", arl_jax/torch {row['speedup_vs_torch']:.2f}x"
+  return f"  {row['model']} b{row['batch']} {row['dtype']}: " + ", ".join(
+      parts) + f"; {extra}"
+
+
+def _mb(x):
+  return "-" if not x else f"{x / 2**20:,.0f}"
+
+
+def markdown(report):
+  lines = [
+      f"# Train-step benchmark ({report['device']['kind']})", "",
+      f"- date: {report['date']}",
+      f"- command: `{report['command']}`",
+      f"- machine: {report['machine']['cpu']}, {report['machine']['cores']} "
+      f"cores; device: {report['device']['platform']} "
+      f"({report['device']['kind']})",
+      "- versions: " + ", ".join(f"{k} {v}" for k, v in
+                                 report["versions"].items()), "",
+      "| model | batch | dtype | implementation | samples/s | median step (ms) "
+      "| compile (s) | peak RSS (MiB) | peak device (MiB) |",
+      "|---|---|---|---|---|---|---|---|---|"]
+  for row in report["rows"]:
+    for name, r in row["results"].items():
+      compile_s = "-" if r["compile_s"] is None else f"{r['compile_s']:.1f}"
+      lines.append(
+          f"| {row['model']} | {row['batch']} | {row['dtype']} | {name} | "
+          f"{r['samples_per_s']:,.1f} | {1e3 * r['median_s']:,.1f} | "
+          f"{compile_s} | {_mb(r['peak_rss_bytes'])} | "
+          f"{_mb(r['peak_device_bytes'])} |")
+  lines += ["", "| model | batch | dtype | ARL overhead vs plain jitted step "
+            "| arl_jax / torch_ref |", "|---|---|---|---|---|"]
+  for row in report["rows"]:
+    speed = row.get("speedup_vs_torch")
+    lines.append(f"| {row['model']} | {row['batch']} | {row['dtype']} | "
+                 f"{100 * row['arl_overhead']:+.1f}% | "
+                 f"{'-' if speed is None else f'{speed:.2f}x'} |")
+  lines.append("")
+  lines.append("Peak RSS is the process's resident set while that "
+               "implementation ran (the process also holds what earlier "
+               "phases allocated); device peak is the allocator's peak.")
+  return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+  main()
