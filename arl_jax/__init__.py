@@ -6,6 +6,7 @@ step that composes them. Every per-modality value is a mapping keyed by
 modality name; any number of modalities K >= 2.
 """
 
+from arl_jax import parallel
 from arl_jax.coefficients import arl_coefficients
 from arl_jax.coefficients import arl_coefficients_from_statistics
 from arl_jax.coefficients import ogm_ge_coefficients
@@ -69,6 +70,7 @@ __all__ = [
     "ogm_ge_coefficients",
     "ogm_ge_coefficients_from_statistics",
     "optimization_dependency",
+    "parallel",
     "prediction_statistics",
     "register_method",
     "released_arl_coefficients",

@@ -102,7 +102,8 @@ def _per_modality_metrics(stats, modulation, scales) -> dict[str, Any]:
 
 def make_train_step(apply_fn: ApplyFn, tx: optax.GradientTransformation,
                     method: Method, *, warmup_steps: int | Array = 0,
-                    skip_nonfinite_updates: bool = True
+                    skip_nonfinite_updates: bool = True,
+                    axis_name: Any = None
                     ) -> Callable[[TrainState, Mapping[str, Any]],
                                   tuple[TrainState, dict[str, Any]]]:
   """Builds the training step of a balancing ``method`` (ARL by default use).
@@ -137,6 +138,15 @@ def make_train_step(apply_fn: ApplyFn, tx: optax.GradientTransformation,
     method: an :class:`arl_jax.methods.Method` (``ARL(...)``, ``OGMGE(...)``).
     warmup_steps: number of initial steps without modulation.
     skip_nonfinite_updates: see above.
+    axis_name: set when the step runs per device under ``jax.pmap`` (or
+      ``shard_map``) with that axis name: the loss is normalised by the
+      global number of examples and the gradients, statistics and metrics
+      are summed over the axis, so every device applies the same
+      coefficients and the result is that of the global batch. BatchNorm
+      running statistics are averaged over the axis. Leave ``None`` for a
+      single device and for ``jax.jit`` with sharded inputs, where XLA
+      partitions the global-batch computation itself
+      (:mod:`arl_jax.parallel`).
 
   Returns:
     ``train_step(state, batch) -> (state, metrics)``; ``batch`` is
@@ -157,18 +167,30 @@ def make_train_step(apply_fn: ApplyFn, tx: optax.GradientTransformation,
     rng = jax.random.fold_in(state.rng, state.step)
     in_warmup = state.step < warmup_steps
     gamma = jnp.where(in_warmup, method.warmup_gamma, method.gamma)
+    # Share of the global batch held here (1 without a device axis).
+    local = (jnp.float32(jnp.shape(labels)[0]) if mask is None
+             else jnp.sum(jnp.asarray(mask, jnp.float32)))
+    share = jnp.float32(1.0)
+    if axis_name is not None:
+      rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
+      share = local / jnp.maximum(jax.lax.psum(local, axis_name), 1.0)
 
     def loss_fn(params):
       outputs, new_model_state = apply_fn(params, state.model_state, inputs,
                                           train=True, rng=rng)
       fused, unimodal, _ = _check_outputs(outputs, inputs)
       loss = losses.arl_loss(fused, unimodal, labels, gamma, mask=mask)
-      return loss, (fused, unimodal, new_model_state)
+      return loss * share, (fused, unimodal, new_model_state)
 
     (loss, (fused, unimodal, new_model_state)), grads = jax.value_and_grad(
         loss_fn, has_aux=True)(state.params)
 
     stats = stats_lib.modality_statistics(unimodal, labels, mask)
+    fused_stats = stats_lib.prediction_statistics(fused, labels, mask)
+    if axis_name is not None:
+      loss, grads, stats, fused_stats = jax.lax.psum(
+          (loss, grads, stats, fused_stats), axis_name)
+      new_model_state = jax.lax.pmean(new_model_state, axis_name)
     modulation = method.modulation(stats)
     scales = {m: jnp.where(in_warmup, 1.0, v).astype(jnp.float32)
               for m, v in modulation.scales.items()}
@@ -191,7 +213,6 @@ def make_train_step(apply_fn: ApplyFn, tx: optax.GradientTransformation,
       opt_state = keep(opt_state, state.opt_state)
       new_model_state = keep(new_model_state, state.model_state)
 
-    fused_stats = stats_lib.prediction_statistics(fused, labels, mask)
     metrics = {
         "loss": loss,
         "fused_loss": fused_stats.loss_sum / jnp.maximum(fused_stats.count, 1),

@@ -9,6 +9,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from arl_jax import _validation
 
@@ -61,14 +62,18 @@ def fused_and_unimodal_logits(
     fused = head_fn(dict(features))
     unimodal = {m: head_fn(zero_other_modalities(features, m)) for m in names}
     return fused, unimodal
-  variants = (None,) + names     # None: all modalities present
+  # Row block 0: all modalities; block 1 + i: modality i alone.
+  variants = len(names) + 1
 
   def stack(m, x):
-    return jnp.concatenate([x if v in (None, m) else jnp.zeros_like(x)
-                            for v in variants], axis=0)
+    keep = np.array([True] + [v == m for v in names])
+    keep = keep.reshape((variants,) + (1,) * x.ndim)
+    # `where`, not a multiplication: a NaN elsewhere must not leak in.
+    out = jnp.where(keep, x[None], 0)
+    return out.reshape((variants * x.shape[0],) + x.shape[1:])
 
   stacked = {m: jax.tree.map(functools.partial(stack, m), f)
              for m, f in features.items()}
   logits = head_fn(stacked)
-  parts = jnp.split(logits, len(variants), axis=0)
-  return parts[0], {m: parts[i + 1] for i, m in enumerate(names)}
+  logits = logits.reshape((variants, -1) + logits.shape[1:])
+  return logits[0], {m: logits[i + 1] for i, m in enumerate(names)}

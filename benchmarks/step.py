@@ -80,15 +80,36 @@ class PeakRSS:
     self._thread.join()
 
 
-def _median_time(fn, steps, warmup):
-  for _ in range(warmup):
-    fn()
-  times = []
-  for _ in range(steps):
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
-  return statistics.median(times), times
+def _device_peak_bytes():
+  device = jax.devices()[0]
+  if device.platform == "cpu":
+    return None
+  return (device.memory_stats() or {}).get("peak_bytes_in_use")
+
+
+def measure(impls, rounds, warmup, after_warmup=lambda name: None):
+  """Warm-up (and peak memory) per implementation, then round-robin timing.
+
+  ``impls`` maps a name to a zero-argument function running one synchronised
+  step. After each implementation's warm-up (during which its peak memory is
+  taken), the timed steps alternate between implementations, one step each
+  per round, so that slow drifts of the machine hit all of them alike.
+  """
+  out = {}
+  for name, fn in impls.items():
+    with PeakRSS() as rss:
+      for _ in range(warmup):
+        fn()
+    out[name] = {"peak_rss_bytes": rss.peak, "times_s": []}
+    after_warmup(name)
+  for _ in range(rounds):
+    for name, fn in impls.items():
+      start = time.perf_counter()
+      fn()
+      out[name]["times_s"].append(time.perf_counter() - start)
+  for r in out.values():
+    r["median_s"] = statistics.median(r["times_s"])
+  return out
 
 
 # ----------------------------------------------------------------- JAX side --
@@ -163,7 +184,8 @@ def jax_steps(kind, batch, dtype):
           "jax_plain": (plain_step, plain_state, data)}
 
 
-def time_jax(step, state, batch, steps, warmup):
+def prepare_jax(step, state, batch):
+  """Compiles ``step`` (AOT, timed) and returns (compile seconds, run)."""
   start = time.perf_counter()
   compiled = jax.jit(step, donate_argnums=0).lower(state, batch).compile()
   compile_s = time.perf_counter() - start
@@ -173,20 +195,12 @@ def time_jax(step, state, batch, steps, warmup):
     holder["state"], metrics = compiled(holder["state"], batch)
     jax.block_until_ready(metrics["loss"])
 
-  with PeakRSS() as rss:
-    median, times = _median_time(run, steps, warmup)
-  device = jax.devices()[0]
-  mem = None
-  if device.platform != "cpu":
-    stats = device.memory_stats() or {}
-    mem = stats.get("peak_bytes_in_use")
-  return {"median_s": median, "compile_s": compile_s, "times_s": times,
-          "peak_rss_bytes": rss.peak, "peak_device_bytes": mem}
+  return compile_s, run
 
 
 # --------------------------------------------------------------- torch side --
 
-def time_torch(kind, batch, dtype, steps, warmup, device):
+def prepare_torch(kind, batch, dtype, device):
   import torch
 
   from benchmarks import torch_reference as tr
@@ -216,19 +230,17 @@ def time_torch(kind, batch, dtype, steps, warmup, device):
     if cuda:
       torch.cuda.synchronize()
 
-  with PeakRSS() as rss:
-    median, times = _median_time(run, steps, warmup)
-  return {"median_s": median, "compile_s": None, "times_s": times,
-          "peak_rss_bytes": rss.peak,
-          "peak_device_bytes": torch.cuda.max_memory_allocated() if cuda
-          else None}
+  def device_peak():
+    return torch.cuda.max_memory_allocated() if cuda else None
+
+  return run, device_peak
 
 
 # ------------------------------------------------------------------ driver --
 
 PRESETS = {
-    "cpu": {"resnet": [(8, "float32"), (8, "bfloat16")],
-            "mlp": [(64, "float32")]},
+    "cpu": {"mlp": [(64, "float32")],
+            "resnet": [(8, "float32"), (8, "bfloat16")]},
     "gpu": {"resnet": [(64, "float32"), (64, "bfloat16"), (256, "float32"),
                        (256, "bfloat16")],
             "mlp": [(64, "float32")]},
@@ -270,10 +282,11 @@ def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--preset", choices=sorted(PRESETS),
                       default="gpu" if jax.default_backend() == "gpu" else "cpu")
-  parser.add_argument("--models", default="resnet,mlp")
+  parser.add_argument("--models", default="mlp,resnet")
   parser.add_argument("--steps", type=int, default=None,
-                      help="timed steps (default: 30 on GPU, 5 ResNet/100 MLP "
-                           "on CPU)")
+                      help="timed rounds, one step of each implementation "
+                           "per round (default: 30 on GPU; on CPU 10 ResNet, "
+                           "300 MLP)")
   parser.add_argument("--warmup", type=int, default=None)
   parser.add_argument("--skip-torch", action="store_true")
   parser.add_argument("--out", default=None, help="results file stem")
@@ -287,20 +300,34 @@ def main(argv=None):
       if args.steps is not None:
         steps = args.steps
       else:
-        steps = 30 if backend != "cpu" else (5 if kind == "resnet" else 100)
+        steps = 30 if backend != "cpu" else (10 if kind == "resnet" else 300)
       warmup = args.warmup if args.warmup is not None else (
-          8 if backend != "cpu" else (1 if kind == "resnet" else 20))
+          8 if backend != "cpu" else (2 if kind == "resnet" else 30))
       jdtype = jnp.bfloat16 if dtype == "bfloat16" else jnp.float32
-      row = {"model": kind, "batch": batch, "dtype": dtype, "steps": steps,
-             "warmup": warmup, "results": {}}
+      row = {"model": kind, "batch": batch, "dtype": dtype, "rounds": steps,
+             "warmup": warmup}
+      print(f"[{kind} b{batch} {dtype}] compiling ...", flush=True)
+      impls, compile_s, device_peak = {}, {}, {}
       for name, (step, state, data) in jax_steps(kind, batch, jdtype).items():
-        print(f"[{kind} b{batch} {dtype}] {name} ...", flush=True)
-        row["results"][name] = time_jax(step, state, data, steps, warmup)
+        compile_s[name], impls[name] = prepare_jax(step, state, data)
         del state
       if not args.skip_torch:
-        print(f"[{kind} b{batch} {dtype}] torch_ref ...", flush=True)
-        row["results"]["torch_ref"] = time_torch(kind, batch, dtype, steps,
-                                                 warmup, torch_device)
+        impls["torch_ref"], torch_peak = prepare_torch(kind, batch, dtype,
+                                                       torch_device)
+      print(f"[{kind} b{batch} {dtype}] timing {list(impls)} ...", flush=True)
+      # Device peaks: JAX's allocator peak is process-wide and cannot be
+      # reset, so it is read right after each JAX implementation's warm-up.
+
+      def after_warmup(name, device_peak=device_peak):
+        if name != "torch_ref":
+          device_peak[name] = _device_peak_bytes()
+
+      row["results"] = measure(impls, steps, warmup, after_warmup)
+      if "torch_ref" in row["results"]:
+        device_peak["torch_ref"] = torch_peak()
+      for name, r in row["results"].items():
+        r["compile_s"] = compile_s.get(name)
+        r["peak_device_bytes"] = device_peak.get(name)
       for r in row["results"].values():
         r["samples_per_s"] = batch / r["median_s"]
       res = row["results"]
@@ -314,7 +341,7 @@ def main(argv=None):
 
   device = jax.devices()[0]
   report = {
-      "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+      "date": datetime.datetime.now(datetime.UTC).isoformat(),
       "command": "python -m benchmarks.step " + " ".join(
           argv if argv is not None else sys.argv[1:]),
       "machine": _machine(),

@@ -10,15 +10,21 @@ import jax.numpy as jnp
 
 
 class MLPEncoder(nn.Module):
-  """``Dense -> ReLU`` blocks; the output of the last block is the feature.
+  """``Dense [-> BatchNorm] -> ReLU`` blocks; the last block's output is the feature.
 
   Attributes:
     features: widths of the hidden layers (the last one is the output width).
     input_dim: expected input width (``None``: any).
+    batch_norm: BatchNorm after each Dense.
+    batch_norm_axis_name: device axis over which BatchNorm computes its batch
+      statistics under ``pmap`` (``None``: per device; see
+      :mod:`arl_jax.parallel`).
     dtype: compute dtype (parameters stay float32).
   """
   features: Sequence[int] = (64,)
   input_dim: int | None = None
+  batch_norm: bool = False
+  batch_norm_axis_name: str | None = None
   dtype: jnp.dtype = jnp.float32
 
   def expected_shape(self):
@@ -26,8 +32,13 @@ class MLPEncoder(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-    del train
     x = x.astype(self.dtype)
     for width in self.features:
-      x = nn.relu(nn.Dense(width, dtype=self.dtype)(x))
+      # A bias before BatchNorm is cancelled by it (zero gradient): omit it.
+      x = nn.Dense(width, use_bias=not self.batch_norm, dtype=self.dtype)(x)
+      if self.batch_norm:
+        x = nn.BatchNorm(use_running_average=not train, momentum=0.9,
+                         epsilon=1e-5, dtype=self.dtype,
+                         axis_name=self.batch_norm_axis_name)(x)
+      x = nn.relu(x)
     return x
