@@ -133,10 +133,13 @@ def worker(args):
   """One process of a multi-process run (started by `launch`)."""
   import jax
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
-  jax.distributed.initialize(coordinator_address=args.coordinator,
-                             num_processes=args.processes,
-                             process_id=args.process_id,
-                             initialization_timeout=120)
+  if args.coordinator in (None, "auto"):
+    jax.distributed.initialize()  # TPU pods, SLURM, ...: detected by JAX
+  else:
+    jax.distributed.initialize(coordinator_address=args.coordinator,
+                               num_processes=args.processes,
+                               process_id=args.process_id,
+                               initialization_timeout=120)
   try:
     if args.process_id == args.fail_process:
       raise RuntimeError(f"process {args.process_id} fails on purpose")
