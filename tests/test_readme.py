@@ -8,7 +8,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 def test_readme_python_blocks_run(capsys):
   text = (ROOT / "README.md").read_text()
-  blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+  blocks = re.findall(r"<!-- executed by tests/test_readme.py -->\n```python\n"
+                      r"(.*?)```", text, flags=re.S)
   assert blocks, "README has no python example"
   for block in blocks:
     exec(compile(block, "README.md", "exec"), {})
