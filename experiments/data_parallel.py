@@ -97,15 +97,21 @@ def run_pmap(steps: int, devices=None):
   from arl_jax import parallel
   devices = devices or jax.local_devices()
   state, step = build(axis_name="batch", bn_axis_name="batch")
-  pstep = parallel.pmap_train_step(step, "batch", devices)
+  traces = []
+
+  def counted(state, batch):
+    traces.append(1)             # runs only when pmap traces (compiles)
+    return step(state, batch)
+
+  pstep = parallel.pmap_train_step(counted, "batch", devices)
   state = parallel.replicate(state, devices)
   batch = problem()
-  per_device = []
   for t in range(steps):
     state, metrics = pstep(state, parallel.shard_batch(batch(t), len(devices)))
   per_device = jax.device_get(metrics["a"])
   return jax.device_get(_result(parallel.unreplicate(state),
-                                parallel.unreplicate(metrics))), per_device
+                                parallel.unreplicate(metrics))), (
+                                    per_device, len(traces))
 
 
 def run_jit(steps: int, devices=None, process_rows=None):

@@ -33,8 +33,9 @@ def assert_same(result, reference):
 
 
 def test_pmap_over_8_devices_equals_single_device(single):
-  result, per_device = dp.run_pmap(STEPS, jax.devices()[:8])
+  result, (per_device, traces) = dp.run_pmap(STEPS, jax.devices()[:8])
   assert_same(result, single)
+  assert traces == 1                          # compiled once for all steps
   for m, values in per_device.items():       # identical on every device
     assert np.all(values == values[0]), m
 
@@ -42,8 +43,7 @@ def test_pmap_over_8_devices_equals_single_device(single):
 def test_jit_sharded_over_8_devices_equals_single_device(single):
   result, (before, after) = dp.run_jit(STEPS, jax.devices()[:8])
   assert_same(result, single)
-  if before is not None:
-    assert after - before == 1                # compiled once for all steps
+  assert after - before == 1                  # compiled once for all steps
 
 
 def test_two_processes_of_four_devices_equal_single_device(single, tmp_path):
