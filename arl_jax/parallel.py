@@ -55,13 +55,19 @@ def pmap_train_step(train_step: Callable, axis_name: str = "batch",
                   donate_argnums=0)
 
 
-def replicate(tree: Any, devices: Sequence[jax.Device] | None = None) -> Any:
-  """Copies every leaf to each device, with a leading device axis (for pmap)."""
+def replicate(tree: Any, devices: Sequence[jax.Device] | None = None,
+              axis_name: str = "batch") -> Any:
+  """Copies every leaf to each device, with a leading device axis (for pmap).
+
+  Use the same ``axis_name`` as :func:`pmap_train_step`: the arrays then
+  carry exactly the sharding the step returns, so the second step does not
+  recompile.
+  """
   devices = list(devices or jax.local_devices())
   stacked = jax.tree.map(
       lambda x: np.broadcast_to(np.asarray(x), (len(devices),) + np.shape(x)),
       tree)
-  return jax.pmap(lambda t: t, devices=devices)(stacked)
+  return jax.pmap(lambda t: t, axis_name=axis_name, devices=devices)(stacked)
 
 
 def unreplicate(tree: Any) -> Any:

@@ -104,7 +104,7 @@ def run_pmap(steps: int, devices=None):
     return step(state, batch)
 
   pstep = parallel.pmap_train_step(counted, "batch", devices)
-  state = parallel.replicate(state, devices)
+  state = parallel.replicate(state, devices, "batch")
   batch = problem()
   for t in range(steps):
     state, metrics = pstep(state, parallel.shard_batch(batch(t), len(devices)))
