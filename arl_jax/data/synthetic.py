@@ -33,7 +33,8 @@ class SyntheticProblem:
 def make_linear_gaussian(noise: Mapping[str, float], *, num_classes: int = 4,
                          dim: int | Mapping[str, int] = 8,
                          sizes: Sequence[int] = (2048, 512, 2048),
-                         seed: int = 0) -> SyntheticProblem:
+                         seed: int = 0, nonlinear: bool = False
+                         ) -> SyntheticProblem:
   """Linear-Gaussian problem: ``x_m = mu_{y,m} + sigma_m * eps``.
 
   Class means ``mu_{c,m} ~ N(0, I_dim)`` are drawn once per modality; labels
@@ -42,6 +43,13 @@ def make_linear_gaussian(noise: Mapping[str, float], *, num_classes: int = 4,
   (2 sigma_m^2)``: the optimal fusion weights each modality's evidence by
   its inverse variance ``1 / sigma_m^2``. The Bayes accuracy is evaluated
   exactly on the drawn test split (the classifier is known in closed form).
+
+  With ``nonlinear=True`` each modality is observed through a fixed random
+  bijection, ``x_m = Q_m g(R_m z_m)`` with ``z_m`` the linear-Gaussian
+  sample, ``R_m, Q_m`` random rotations and ``g(u) = u + 0.9 sin(u)``
+  (strictly increasing). A bijection preserves the Bayes posterior, so the
+  Bayes accuracy is still exact (computed on ``z``), but no linear model
+  reaches it.
 
   Args:
     noise: ``{modality: sigma_m}``, K >= 2.
@@ -65,13 +73,23 @@ def make_linear_gaussian(noise: Mapping[str, float], *, num_classes: int = 4,
          .astype(np.float32) for m in noise}
     return x, y
 
-  splits = dict(zip(("train", "validation", "test"), map(draw, sizes)))
+  latent = dict(zip(("train", "validation", "test"), map(draw, sizes)))
 
   def log_lik(x, m):
     d = x[m][:, None, :].astype(np.float64) - means[m][None]
     return -np.sum(d * d, axis=-1) / (2 * noise[m] ** 2)
 
-  x_test, y_test = splits["test"]
+  if nonlinear:
+    rot = {m: (_rotation(rng, dims[m]), _rotation(rng, dims[m])) for m in noise}
+
+    def warp(x):
+      return {m: ((np.sin(v @ rot[m][0].T) * 0.9 + v @ rot[m][0].T)
+                  @ rot[m][1].T).astype(np.float32) for m, v in x.items()}
+
+    splits = {k: (warp(x), y) for k, (x, y) in latent.items()}
+  else:
+    splits = latent
+  x_test, y_test = latent["test"]
   joint = sum(log_lik(x_test, m) for m in noise)
   bayes = float(np.mean(np.argmax(joint, -1) == y_test))
   uni = {m: float(np.mean(np.argmax(log_lik(x_test, m), -1) == y_test))
@@ -81,3 +99,8 @@ def make_linear_gaussian(noise: Mapping[str, float], *, num_classes: int = 4,
   return SyntheticProblem(splits=splits, num_classes=num_classes,
                           bayes_accuracy=bayes, unimodal_bayes_accuracy=uni,
                           optimal_weights={m: v / total for m, v in inv.items()})
+
+
+def _rotation(rng: np.random.Generator, dim: int) -> np.ndarray:
+  q, r = np.linalg.qr(rng.normal(size=(dim, dim)))
+  return q * np.sign(np.diag(r))

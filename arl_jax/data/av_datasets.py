@@ -1,0 +1,392 @@
+"""TFDS builders for CREMA-D, Kinetics-Sounds and AVE, from a user's local copy.
+
+Nothing is downloaded: each builder reads a folder the user already has (the
+layouts are in the README and in each class's docstring), computes the
+log-magnitude spectrogram once (:mod:`arl_jax.data.audio`), stores the frames
+as JPEG images (shorter side resized to ``frame_size``) and writes array_record
+files that :func:`tfds.data_source` / ``builder.as_data_source()`` read without
+TensorFlow. Splits: ``train``, ``validation`` (official where the data set has
+one, otherwise carved from train, stratified by class, fixed seed) and
+``test``.
+
+Bad input: a missing root, a listed clip without audio or frames, an
+unreadable WAV or JPEG, or an unknown label raises :class:`DataError` naming
+the file; with ``skip_invalid=True`` such clips are skipped instead and listed
+in ``prepare_report.json`` next to the prepared data (:func:`prepare`).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import json
+import os
+import pathlib
+from collections.abc import Iterator
+from collections.abc import Sequence
+
+import numpy as np
+
+from arl_jax.data import audio as audio_lib
+
+try:  # TFDS is an optional dependency (the `data` extra).
+  import tensorflow_datasets as tfds
+except ImportError:  # pragma: no cover
+  tfds = None
+
+
+class DataError(ValueError):
+  """Bad input data; the message names the file and the problem."""
+
+
+CREMA_D_CLASSES = ("NEU", "HAP", "SAD", "FEA", "DIS", "ANG")
+AVE_CLASSES = (
+    "Church bell", "Male speech, man speaking", "Bark",
+    "Fixed-wing aircraft, airplane", "Race car, auto racing",
+    "Female speech, woman speaking", "Helicopter", "Violin, fiddle", "Flute",
+    "Ukulele", "Frying (food)", "Truck", "Shofar", "Motorcycle",
+    "Acoustic guitar", "Train horn", "Clock", "Banjo", "Goat",
+    "Baby cry, infant cry", "Bus", "Chainsaw", "Cat", "Horse", "Toilet flush",
+    "Rodents, rats", "Accordion", "Mandolin")
+
+
+@dataclasses.dataclass(frozen=True)
+class Clip:
+  clip_id: str
+  label: str
+  audio: pathlib.Path
+  frames: pathlib.Path
+  group: str = ""          # e.g. CREMA-D actor, for group-disjoint splits
+
+
+def _read_list(path: pathlib.Path) -> list[tuple[str, str]]:
+  if not path.is_file():
+    raise DataError(f"split list {path} does not exist.")
+  rows = []
+  with open(path, newline="") as f:
+    for n, row in enumerate(csv.reader(f), 1):
+      if not row or not row[0].strip():
+        continue
+      if len(row) < 2:
+        raise DataError(f"{path}, line {n}: expected 'clip,label'; got {row}.")
+      rows.append((row[0].strip(), row[1].strip()))
+  return rows
+
+
+def stratified_holdout(clips: Sequence[Clip], fraction: float, seed: int
+                       ) -> tuple[list[Clip], list[Clip]]:
+  """Splits ``clips`` into (rest, held out), ``fraction`` of each class held out."""
+  rng = np.random.default_rng(seed)
+  rest, held = [], []
+  labels = sorted({c.label for c in clips})
+  for label in labels:
+    group = sorted((c for c in clips if c.label == label),
+                   key=lambda c: c.clip_id)
+    order = rng.permutation(len(group))
+    k = int(round(fraction * len(group)))
+    if len(group) >= 2:
+      k = max(k, 1)           # every class represented in both parts
+    held += [group[i] for i in order[:k]]
+    rest += [group[i] for i in order[k:]]
+  return (sorted(rest, key=lambda c: c.clip_id),
+          sorted(held, key=lambda c: c.clip_id))
+
+
+def _encode_frame(path: pathlib.Path, frame_size: int | None) -> bytes:
+  from PIL import Image
+  try:
+    with Image.open(path) as img:
+      img = img.convert("RGB")
+      if frame_size and min(img.size) > frame_size:   # only ever shrink
+        w, h = img.size
+        scale = frame_size / min(w, h)
+        img = img.resize((max(1, round(w * scale)), max(1, round(h * scale))),
+                         Image.BILINEAR)
+      buf = io.BytesIO()
+      img.save(buf, format="JPEG", quality=95)
+      return buf.getvalue()
+  except (OSError, ValueError) as e:
+    raise DataError(f"cannot read image {path}: {e}") from e
+
+
+if tfds is not None:
+
+  class AudioVisualBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+    """Base of the three builders; subclasses say where the clips are."""
+
+    VERSION = tfds.core.Version("1.0.0")
+    MANUAL_DOWNLOAD_INSTRUCTIONS = (
+        "Nothing is downloaded. Pass the folder of your local copy as "
+        "download_config=tfds.download.DownloadConfig(manual_dir=...) (see "
+        "the arl_jax README for the expected layout).")
+    CLASSES: tuple[str, ...] = ()
+    SAMPLE_RATE = 22050
+    SECONDS = 3.0
+    HOP = 353
+    TIME_FRAMES: int | None = None
+    MAX_FRAMES = 10
+    VALIDATION_FRACTION = 0.1
+
+    def __init__(self, *, manual_dir: str | os.PathLike | None = None,
+                 skip_invalid: bool = False, frame_size: int | None = 256,
+                 seed: int = 0, **kwargs):
+      self._manual_root = None if manual_dir is None else pathlib.Path(manual_dir)
+      self.skip_invalid = skip_invalid
+      self.frame_size = frame_size
+      self.seed = seed
+      self.skipped: list[dict] = []
+      super().__init__(**kwargs)
+
+    # -- what subclasses provide ------------------------------------------
+    def list_splits(self, root: pathlib.Path) -> dict[str, list[Clip]]:
+      raise NotImplementedError
+
+    def classes(self, root: pathlib.Path | None = None) -> tuple[str, ...]:
+      return self.CLASSES
+
+    # -- TFDS -------------------------------------------------------------
+    def _spectrogram_shape(self):
+      frames = self.TIME_FRAMES or 1 + int(self.SAMPLE_RATE * self.SECONDS) // self.HOP
+      return (257, frames)
+
+    def _info(self):
+      return tfds.core.DatasetInfo(
+          builder=self,
+          description=self.__doc__,
+          features=tfds.features.FeaturesDict({
+              "audio": tfds.features.Tensor(shape=self._spectrogram_shape(),
+                                            dtype=np.float32),
+              "frames": tfds.features.Sequence(tfds.features.Image(
+                  shape=(None, None, 3), encoding_format="jpeg")),
+              "label": tfds.features.ClassLabel(names=list(self.classes())),
+              "clip_id": tfds.features.Text(),
+          }),
+          supervised_keys=None)
+
+    def _split_generators(self, dl_manager):
+      root = pathlib.Path(dl_manager.manual_dir)
+      if not root.is_dir():
+        raise DataError(f"data root {root} does not exist.")
+      splits = self.list_splits(root)
+      if "validation" not in splits:
+        splits["train"], splits["validation"] = stratified_holdout(
+            splits["train"], self.VALIDATION_FRACTION, self.seed)
+      known = set(self.classes(root))
+      for name, clips in splits.items():
+        for c in clips:
+          if c.label not in known:
+            raise DataError(f"clip {c.clip_id!r} ({name}) has unknown label "
+                            f"{c.label!r}; known labels: {sorted(known)}.")
+      return {name: self._generate_examples(clips)
+              for name, clips in splits.items()}
+
+    def _example(self, clip: Clip) -> dict:
+      if not clip.audio.is_file():
+        raise DataError(f"clip {clip.clip_id!r}: audio file {clip.audio} is "
+                        "missing.")
+      frames = sorted(p for p in clip.frames.glob("*")
+                      if p.suffix.lower() in (".jpg", ".jpeg", ".png")) if (
+                          clip.frames.is_dir()) else []
+      if not frames:
+        raise DataError(f"clip {clip.clip_id!r}: no frames (*.jpg) in "
+                        f"{clip.frames}.")
+      if len(frames) > self.MAX_FRAMES:   # evenly spaced subset
+        idx = np.linspace(0, len(frames) - 1, self.MAX_FRAMES).round()
+        frames = [frames[int(i)] for i in idx]
+      try:
+        spec = audio_lib.wav_to_spectrogram(
+            clip.audio, sample_rate=self.SAMPLE_RATE, seconds=self.SECONDS,
+            hop=self.HOP, frames=self.TIME_FRAMES)
+      except (audio_lib.AudioError, FileNotFoundError) as e:
+        raise DataError(f"clip {clip.clip_id!r}: {e}") from e
+      return {"audio": spec,
+              "frames": [_encode_frame(p, self.frame_size) for p in frames],
+              "label": clip.label, "clip_id": clip.clip_id}
+
+    def _generate_examples(self, clips: Sequence[Clip]) -> Iterator:
+      for clip in clips:
+        try:
+          example = self._example(clip)
+        except DataError as e:
+          if not self.skip_invalid:
+            raise
+          self.skipped.append({"clip_id": clip.clip_id, "reason": str(e)})
+          continue
+        yield clip.clip_id, example
+
+  class CremaD(AudioVisualBuilder, skip_registration=True):
+    """CREMA-D (Cao et al., 2014): 6 emotions, 7,442 clips of 91 actors.
+
+    Layout of the local copy (as the OGM-GE/ARL code bases use it)::
+
+      ROOT/AudioWAV/1001_DFA_ANG_XX.wav
+      ROOT/Image-01-FPS/1001_DFA_ANG_XX/*.jpg      (frames at 1 fps)
+      ROOT/train.csv, ROOT/test.csv                 ("clip,label" lines)
+
+    Spectrogram: 3 s at 22.05 kHz, n_fft 512, hop 353: 257 x 188.
+    ``actor_disjoint=True`` ignores the lists' train/test assignment and splits
+    the actors instead (70% / 10% / 20%, by ``seed``), so no actor appears in
+    two splits (the common split shares actors between train and test).
+    """
+
+    CLASSES = CREMA_D_CLASSES
+    BUILDER_CONFIGS = [
+        tfds.core.BuilderConfig(name="standard",
+                                description="the lists' train/test split"),
+        tfds.core.BuilderConfig(name="actor_disjoint",
+                                description="actors split 70/10/20"),
+    ]
+
+    @property
+    def actor_disjoint(self) -> bool:
+      return self.builder_config.name == "actor_disjoint"
+
+    def list_splits(self, root):
+      def clips(rows):
+        return [Clip(c, label, root / "AudioWAV" / f"{c}.wav",
+                     root / "Image-01-FPS" / c, group=c.split("_")[0])
+                for c, label in rows]
+      train = clips(_read_list(root / "train.csv"))
+      test = clips(_read_list(root / "test.csv"))
+      if not self.actor_disjoint:
+        return {"train": train, "test": test}
+      everyone = sorted(train + test, key=lambda c: c.clip_id)
+      actors = sorted({c.group for c in everyone})
+      order = np.random.default_rng(self.seed).permutation(len(actors))
+      n_test, n_val = round(0.2 * len(actors)), round(0.1 * len(actors))
+      test_a = {actors[i] for i in order[:n_test]}
+      val_a = {actors[i] for i in order[n_test:n_test + n_val]}
+      pick = lambda s: [c for c in everyone if c.group in s]
+      rest = set(actors) - test_a - val_a
+      return {"train": pick(rest), "validation": pick(val_a),
+              "test": pick(test_a)}
+
+  class KineticsSounds(AudioVisualBuilder, skip_registration=True):
+    """Kinetics-Sounds (Arandjelovic & Zisserman, 2017), from local files.
+
+    Layout::
+
+      ROOT/audio/<clip>.wav
+      ROOT/frames/<clip>/*.jpg
+      ROOT/classes.txt                              (one class name a line)
+      ROOT/train.csv, ROOT/test.csv [, ROOT/validation.csv]   ("clip,label")
+
+    Spectrogram: 10 s at 16 kHz, n_fft 512, hop 159, cropped to 257 x 1004
+    (the paper's shape); three frames are sampled per clip by the pipeline.
+    """
+
+    SAMPLE_RATE, SECONDS, HOP, TIME_FRAMES = 16000, 10.0, 159, 1004
+
+    def classes(self, root=None):
+      root = root or self._manual_root
+      if root is None:
+        raise DataError("Kinetics-Sounds needs manual_dir (for classes.txt) "
+                        "to be prepared; read a prepared copy with "
+                        "arl_jax.data.load_prepared(...).")
+      path = pathlib.Path(root) / "classes.txt"
+      if not path.is_file():
+        raise DataError(f"Kinetics-Sounds class list {path} does not exist.")
+      return tuple(l.strip() for l in path.read_text().splitlines() if l.strip())
+
+    def list_splits(self, root):
+      out = {}
+      for split in ("train", "validation", "test"):
+        path = root / f"{split}.csv"
+        if split == "validation" and not path.is_file():
+          continue
+        out[split] = [Clip(c, label, root / "audio" / f"{c}.wav",
+                           root / "frames" / c) for c, label in _read_list(path)]
+      return out
+
+  class AVE(AudioVisualBuilder, skip_registration=True):
+    """AVE, Audio-Visual Event localisation (Tian et al., 2018): 28 events.
+
+    Layout (the official annotation files, plus extracted audio and frames)::
+
+      ROOT/audio/<VideoID>.wav
+      ROOT/frames/<VideoID>/*.jpg
+      ROOT/trainSet.txt, ROOT/valSet.txt, ROOT/testSet.txt
+          (lines "Category&VideoID&Quality&StartTime&EndTime")
+
+    Spectrogram as Kinetics-Sounds (257 x 1004).
+    """
+
+    CLASSES = AVE_CLASSES
+    SAMPLE_RATE, SECONDS, HOP, TIME_FRAMES = 16000, 10.0, 159, 1004
+
+    def list_splits(self, root):
+      out = {}
+      for split, name in (("train", "trainSet.txt"), ("validation", "valSet.txt"),
+                          ("test", "testSet.txt")):
+        path = root / name
+        if split == "validation" and not path.is_file():
+          continue
+        if not path.is_file():
+          raise DataError(f"AVE split list {path} does not exist.")
+        clips = []
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+          if not line.strip() or line.startswith("Category&"):
+            continue
+          parts = line.split("&")
+          if len(parts) < 2:
+            raise DataError(f"{path}, line {n}: expected "
+                            f"'Category&VideoID&...'; got {line!r}.")
+          category, vid = parts[0].strip(), parts[1].strip()
+          clips.append(Clip(vid, category, root / "audio" / f"{vid}.wav",
+                            root / "frames" / vid))
+        out[split] = clips
+      return out
+
+  BUILDERS = {"crema_d": CremaD, "kinetics_sounds": KineticsSounds, "ave": AVE}
+else:  # pragma: no cover
+  BUILDERS = {}
+
+
+def prepare(name: str, manual_dir: str | os.PathLike, data_dir: str | os.PathLike,
+            **builder_kwargs):
+  """Prepares a data set once from a local copy; returns the TFDS builder.
+
+  Args:
+    name: ``crema_d``, ``kinetics_sounds`` or ``ave``.
+    manual_dir: the local copy (layout: the builder's docstring, README).
+    data_dir: where the prepared array_record files go.
+    **builder_kwargs: ``skip_invalid``, ``frame_size``, ``seed``,
+      ``config="actor_disjoint"`` (CREMA-D).
+
+  The skipped clips (with ``skip_invalid=True``) are written to
+  ``<data_dir>/<name>/prepare_report.json``; an already prepared data set is
+  reused as is (TFDS never overwrites it).
+  """
+  if tfds is None:
+    raise ImportError("preparing audio-visual data needs tensorflow-datasets: "
+                      "pip install 'arl_jax[data]'.")
+  if name not in BUILDERS:
+    raise ValueError(f"unknown data set {name!r}; known: {sorted(BUILDERS)}.")
+  manual_dir = pathlib.Path(manual_dir)
+  if not manual_dir.is_dir():
+    raise DataError(f"data root {manual_dir} does not exist.")
+  builder = BUILDERS[name](data_dir=os.fspath(data_dir),
+                           file_format="array_record", manual_dir=manual_dir,
+                           **builder_kwargs)
+  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+      manual_dir=os.fspath(manual_dir)))
+  if builder.skipped:
+    report = pathlib.Path(builder.data_dir) / "prepare_report.json"
+    report.write_text(json.dumps({"skipped": builder.skipped}, indent=1))
+  return builder
+
+
+def load_prepared(path: str | os.PathLike) -> dict:
+  """``{split: random-access source}`` of a prepared data set (no TensorFlow).
+
+  ``path`` is the version folder TFDS wrote, e.g.
+  ``<data_dir>/crema_d/standard/1.0.0`` (``builder.data_dir``).
+  """
+  if tfds is None:
+    raise ImportError("reading prepared data needs tensorflow-datasets.")
+  path = pathlib.Path(path)
+  if not (path / "dataset_info.json").is_file():
+    raise DataError(f"{path} is not a prepared data set (no "
+                    "dataset_info.json); run arl_jax.data.prepare first.")
+  return tfds.builder_from_directory(os.fspath(path)).as_data_source()

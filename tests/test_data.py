@@ -1,0 +1,246 @@
+import json
+import pathlib
+import shutil
+
+import numpy as np
+import pytest
+
+from arl_jax import data
+from arl_jax.data import audio
+from arl_jax.data import av_datasets
+from arl_jax.data import av_pipeline
+from arl_jax.data import fixtures
+from arl_jax.data import uci_multifeature
+
+
+@pytest.fixture(autouse=True)
+def _tmpdir_env(tmp_path, monkeypatch):
+  # TFDS leaves empty temp folders behind: keep them in the test's tmp dir.
+  monkeypatch.setenv("TMPDIR", str(tmp_path))
+
+
+# ------------------------------------------------------------- synthetic --
+
+@pytest.mark.parametrize("nonlinear", [False, True])
+def test_synthetic_problem_has_known_optimum(nonlinear):
+  p = data.make_linear_gaussian({"a": 0.7, "b": 1.5, "c": 3.0}, num_classes=5,
+                                dim=6, sizes=(100, 50, 4000), nonlinear=nonlinear)
+  x, y = p.splits["test"]
+  assert {m: v.shape for m, v in x.items()} == {m: (4000, 6) for m in "abc"}
+  assert x["a"].dtype == np.float32 and y.dtype == np.int32
+  assert p.bayes_accuracy > max(p.unimodal_bayes_accuracy.values())
+  assert p.unimodal_bayes_accuracy["a"] > p.unimodal_bayes_accuracy["c"]
+  w = p.optimal_weights
+  assert w["a"] / w["b"] == pytest.approx((1.5 / 0.7) ** 2)
+  assert sum(w.values()) == pytest.approx(1.0)
+  # The same seed gives the same data and the same optimum.
+  q = data.make_linear_gaussian({"a": 0.7, "b": 1.5, "c": 3.0}, num_classes=5,
+                                dim=6, sizes=(100, 50, 4000), nonlinear=nonlinear)
+  np.testing.assert_array_equal(q.splits["train"][0]["b"], p.splits["train"][0]["b"])
+  assert q.bayes_accuracy == p.bayes_accuracy
+
+
+def test_bayes_accuracy_agrees_with_monte_carlo_for_one_modality():
+  # One informative modality plus a pure-noise one: Bayes accuracy for two
+  # classes with means m1, m2 is Phi(||m1 - m2|| / (2 sigma)).
+  from math import erf
+  from math import sqrt
+  p = data.make_linear_gaussian({"a": 1.0, "b": 1e3}, num_classes=2, dim=3,
+                                sizes=(10, 10, 200000), seed=3)
+  rng = np.random.default_rng(3)
+  means = rng.normal(size=(2, 3))
+  gap = np.linalg.norm(means[0] - means[1])
+  exact = 0.5 * (1 + erf(gap / 2 / sqrt(2)))
+  assert p.unimodal_bayes_accuracy["a"] == pytest.approx(exact, abs=0.005)
+
+
+# ------------------------------------------------------------------- UCI --
+
+def test_uci_multifeature_views_splits_and_standardisation():
+  d = data.load_uci_multifeature(("profile", "morphological"), seed=1)
+  sizes = {k: len(v[1]) for k, v in d.splits.items()}
+  assert sizes == {"train": 1200, "validation": 400, "test": 400}
+  for name, (x, y) in d.splits.items():
+    assert x["profile"].shape == (len(y), 216) and x["morphological"].shape[1] == 6
+    assert np.all(np.bincount(y, minlength=10) == len(y) // 10)   # stratified
+  x, _ = d.splits["train"]
+  np.testing.assert_allclose(x["profile"].mean(0), 0.0, atol=1e-4)
+  np.testing.assert_allclose(x["morphological"].std(0), 1.0, atol=1e-3)
+  again = data.load_uci_multifeature(("profile", "morphological"), seed=1)
+  np.testing.assert_array_equal(again.splits["test"][0]["profile"],
+                                d.splits["test"][0]["profile"])
+  other = data.load_uci_multifeature(("profile",), seed=2)
+  assert not np.allclose(other.splits["test"][0]["profile"],
+                     d.splits["test"][0]["profile"])
+
+
+def test_uci_bad_input(tmp_path):
+  with pytest.raises(ValueError, match="unknown UCI Multiple Features view"):
+    data.load_uci_multifeature(("colour",))
+  with pytest.raises(FileNotFoundError, match="does not exist"):
+    data.load_uci_multifeature(("profile",), root=tmp_path / "nowhere")
+  src = uci_multifeature.default_root()
+  shutil.copytree(src, tmp_path / "uci")
+  bad = tmp_path / "uci" / "mfeat-mor.csv"
+  bad.write_text("\n".join(bad.read_text().splitlines()[:50]))
+  with pytest.raises(ValueError, match="mfeat-mor.csv has shape"):
+    data.load_uci_multifeature(("morphological",), root=tmp_path / "uci")
+
+
+# ----------------------------------------------------------------- audio --
+
+def test_log_spectrogram_shape_and_closed_form():
+  n_fft, hop = 512, 353
+  assert audio.log_spectrogram(np.zeros(66150), n_fft, hop).shape == (257, 188)
+  k, amp = 40, 0.5                         # a tone exactly on bin k
+  x = amp * np.cos(2 * np.pi * k * np.arange(66150) / n_fft)
+  spec = np.exp(audio.log_spectrogram(x, n_fft, hop)) - 1e-7
+  # Periodic Hann window: |X_k| = amp * n_fft / 4 away from the edges.
+  np.testing.assert_allclose(spec[k, 5:-5], amp * n_fft / 4, rtol=1e-3)
+  assert np.all(spec[k + 3, 5:-5] < 1e-2 * amp * n_fft / 4)
+
+
+def test_wav_to_spectrogram_resamples_and_fills(tmp_path):
+  fixtures.write_wav(tmp_path / "a.wav", 1.2, 2, np.random.default_rng(0))
+  spec = audio.wav_to_spectrogram(tmp_path / "a.wav")
+  assert spec.shape == (257, 188) and spec.dtype == np.float32
+  assert np.all(np.isfinite(spec))
+  (tmp_path / "bad.wav").write_bytes(b"RIFF0000WAVEjunk")
+  with pytest.raises(audio.AudioError, match="bad.wav"):
+    audio.wav_to_spectrogram(tmp_path / "bad.wav")
+
+
+# ------------------------------------------------------- TFDS + pipeline --
+
+@pytest.fixture(scope="module")
+def crema(tmp_path_factory):
+  tmp = tmp_path_factory.mktemp("crema")
+  root = fixtures.write_fake_crema_d(tmp / "raw")
+  builder = data.prepare("crema_d", root, tmp / "prepared")
+  return root, builder, data.load_prepared(builder.data_dir)
+
+
+def test_crema_d_prepared_splits_shapes_and_labels(crema):
+  root, builder, src = crema
+  sizes = {k: len(v) for k, v in src.items()}
+  # 48 clips: 12 listed for test; validation = 10% of each class of train,
+  # at least one per class.
+  assert sizes["test"] == 12 and sizes["train"] + sizes["validation"] == 36
+  assert sizes["validation"] == 6
+  val_labels = {src["validation"][i]["label"] for i in range(6)}
+  assert val_labels == set(range(6))
+  ex = src["train"][0]
+  assert ex["audio"].shape == (257, 188) and ex["audio"].dtype == np.float32
+  assert len(ex["frames"]) == 2 and ex["frames"][0].dtype == np.uint8
+  names = builder.info.features["label"].names
+  assert names == list(av_datasets.CREMA_D_CLASSES)
+  for split in ("train", "test"):
+    for i in range(len(src[split])):
+      e = src[split][i]
+      clip = e["clip_id"].decode()
+      assert names[e["label"]] == clip.split("_")[2]
+  # The spectrogram is the one computed from the wav directly.
+  e = src["test"][0]
+  direct = audio.wav_to_spectrogram(root / "AudioWAV" / f"{e['clip_id'].decode()}.wav")
+  np.testing.assert_allclose(e["audio"], direct, rtol=1e-6)
+
+
+def test_pipeline_batches_are_deterministic_and_padded(crema):
+  _, _, src = crema
+  evals = list(av_pipeline.batches(src["test"], batch_size=5, train=False))
+  assert len(evals) == 3 and evals[-1]["mask"].tolist() == [True, True, False,
+                                                            False, False]
+  b = evals[0]
+  assert b["inputs"]["audio"].shape == (5, 257, 188)
+  assert b["inputs"]["visual"].shape == (5, 1, 224, 224, 3)
+  assert b["inputs"]["visual"].dtype == np.float32 and b["labels"].dtype == np.int32
+  again = list(av_pipeline.batches(src["test"], batch_size=5, train=False))
+  np.testing.assert_array_equal(again[0]["inputs"]["visual"], b["inputs"]["visual"])
+  t1 = list(av_pipeline.batches(src["train"], batch_size=8, train=True, seed=3))
+  t2 = list(av_pipeline.batches(src["train"], batch_size=8, train=True, seed=3))
+  t3 = list(av_pipeline.batches(src["train"], batch_size=8, train=True, seed=3,
+                                epoch=1))
+  n_train = len(src["train"])
+  assert len(t1) == n_train // 8 and all(b["mask"].all() for b in t1)
+  np.testing.assert_array_equal(t1[0]["inputs"]["visual"], t2[0]["inputs"]["visual"])
+  assert not np.array_equal(t1[0]["labels"], t3[0]["labels"]) or not np.array_equal(
+      t1[0]["inputs"]["visual"], t3[0]["inputs"]["visual"])
+  seen = [int(l) for b in t1 for l in b["labels"]]
+  assert len(seen) == 8 * (n_train // 8)
+
+
+def test_crema_d_actor_disjoint_split(tmp_path):
+  root = fixtures.write_fake_crema_d(tmp_path / "raw",
+                                     actors=tuple(range(1001, 1011)),
+                                     sentences=("DFA",), frames=1)
+  b = data.prepare("crema_d", root, tmp_path / "p", config="actor_disjoint")
+  src = data.load_prepared(b.data_dir)
+  actors = {s: {src[s][i]["clip_id"].decode().split("_")[0]
+                for i in range(len(src[s]))} for s in src}
+  assert actors["train"].isdisjoint(actors["test"])
+  assert actors["train"].isdisjoint(actors["validation"])
+  assert actors["validation"].isdisjoint(actors["test"])
+  assert (len(actors["train"]), len(actors["validation"]), len(actors["test"])) == (7, 1, 2)
+
+
+def test_kinetics_sounds_and_ave_layouts(tmp_path):
+  ks = data.prepare("kinetics_sounds", fixtures.write_fake_kinetics_sounds(
+      tmp_path / "ks"), tmp_path / "p")
+  src = data.load_prepared(ks.data_dir)
+  assert {k: len(v) for k, v in src.items()} == {"train": 9, "validation": 3,
+                                                 "test": 6}
+  assert src["train"][0]["audio"].shape == (257, 1004)
+  batch = next(iter(av_pipeline.batches(src["train"], batch_size=4, train=True,
+                                        num_frames=3)))
+  assert batch["inputs"]["visual"].shape == (4, 3, 224, 224, 3)
+  ave = data.prepare("ave", fixtures.write_fake_ave(tmp_path / "ave"),
+                     tmp_path / "p")
+  src = data.load_prepared(ave.data_dir)
+  assert {k: len(v) for k, v in src.items()} == {"train": 12, "validation": 3,
+                                                 "test": 6}
+  assert ave.info.features["label"].num_classes == 28
+
+
+@pytest.mark.parametrize("damage,match", [
+    ("no_audio", r"audio file .*1001_DFA_NEU_XX.wav is missing"),
+    ("no_frames", r"no frames .*Image-01-FPS/1001_DFA_NEU_XX"),
+    ("bad_wav", r"cannot read WAV file .*1001_DFA_NEU_XX.wav"),
+    ("bad_jpg", r"cannot read image .*1001_DFA_NEU_XX/000.jpg"),
+    ("bad_label", r"unknown label 'CALM'"),
+])
+def test_bad_clips_are_named_or_skipped_and_reported(tmp_path, damage, match):
+  root = fixtures.write_fake_crema_d(tmp_path / "raw", sentences=("DFA",),
+                                     frames=1, seconds=0.5)
+  clip = "1001_DFA_NEU_XX"
+  listed = "train.csv" if clip in (root / "train.csv").read_text() else "test.csv"
+  if damage == "no_audio":
+    (root / "AudioWAV" / f"{clip}.wav").unlink()
+  elif damage == "no_frames":
+    shutil.rmtree(root / "Image-01-FPS" / clip)
+  elif damage == "bad_wav":
+    (root / "AudioWAV" / f"{clip}.wav").write_bytes(b"not a wav file")
+  elif damage == "bad_jpg":
+    (root / "Image-01-FPS" / clip / "000.jpg").write_bytes(b"\xff\xd8garbage")
+  else:
+    path = root / listed
+    path.write_text(path.read_text().replace(f"{clip},NEU", f"{clip},CALM"))
+  with pytest.raises(av_datasets.DataError, match=match):
+    data.prepare("crema_d", root, tmp_path / "strict")
+  if damage == "bad_label":
+    return                      # a wrong label list is never skipped silently
+  b = data.prepare("crema_d", root, tmp_path / "lenient", skip_invalid=True)
+  report = json.loads((pathlib.Path(b.data_dir) / "prepare_report.json").read_text())
+  assert [r["clip_id"] for r in report["skipped"]] == [clip]
+  src = data.load_prepared(b.data_dir)
+  assert sum(len(v) for v in src.values()) == 23
+  clips = {src[s][i]["clip_id"].decode() for s in src for i in range(len(src[s]))}
+  assert clip not in clips
+
+
+def test_missing_root_and_unprepared_dir(tmp_path):
+  with pytest.raises(av_datasets.DataError, match="does not exist"):
+    data.prepare("crema_d", tmp_path / "nowhere", tmp_path / "p")
+  with pytest.raises(av_datasets.DataError, match="not a prepared data set"):
+    data.load_prepared(tmp_path)
+  with pytest.raises(ValueError, match="unknown data set"):
+    data.prepare("audioset", tmp_path, tmp_path / "p")
