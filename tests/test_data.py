@@ -60,7 +60,7 @@ def test_uci_multifeature_views_splits_and_standardisation():
   d = data.load_uci_multifeature(("profile", "morphological"), seed=1)
   sizes = {k: len(v[1]) for k, v in d.splits.items()}
   assert sizes == {"train": 1200, "validation": 400, "test": 400}
-  for name, (x, y) in d.splits.items():
+  for _name, (x, y) in d.splits.items():
     assert x["profile"].shape == (len(y), 216) and x["morphological"].shape[1] == 6
     assert np.all(np.bincount(y, minlength=10) == len(y) // 10)   # stratified
   x, _ = d.splits["train"]
@@ -131,7 +131,9 @@ def test_crema_d_prepared_splits_shapes_and_labels(crema):
   assert val_labels == set(range(6))
   ex = src["train"][0]
   assert ex["audio"].shape == (257, 188) and ex["audio"].dtype == np.float32
-  assert len(ex["frames"]) == 2 and ex["frames"][0].dtype == np.uint8
+  assert len(ex["frames"]) == 2 and isinstance(ex["frames"][0], bytes)  # JPEG
+  decoded = data.load_prepared(builder.data_dir, decode_frames=True)["train"][0]
+  assert decoded["frames"][0].dtype == np.uint8 and decoded["frames"][0].ndim == 3
   names = builder.info.features["label"].names
   assert names == list(av_datasets.CREMA_D_CLASSES)
   for split in ("train", "test"):
@@ -153,7 +155,13 @@ def test_pipeline_batches_are_deterministic_and_padded(crema):
   b = evals[0]
   assert b["inputs"]["audio"].shape == (5, 257, 188)
   assert b["inputs"]["visual"].shape == (5, 1, 224, 224, 3)
-  assert b["inputs"]["visual"].dtype == np.float32 and b["labels"].dtype == np.int32
+  assert b["inputs"]["visual"].dtype == np.uint8 and b["labels"].dtype == np.int32
+  normed = next(iter(av_pipeline.batches(src["test"], batch_size=5, train=False,
+                                         normalize=True)))
+  np.testing.assert_allclose(
+      normed["inputs"]["visual"],
+      ((b["inputs"]["visual"] / 255.0 - av_pipeline.MEAN) / av_pipeline.STD),
+      rtol=1e-5, atol=1e-5)
   again = list(av_pipeline.batches(src["test"], batch_size=5, train=False))
   np.testing.assert_array_equal(again[0]["inputs"]["visual"], b["inputs"]["visual"])
   t1 = list(av_pipeline.batches(src["train"], batch_size=8, train=True, seed=3))

@@ -155,8 +155,11 @@ if tfds is not None:
           builder=self,
           description=self.__doc__,
           features=tfds.features.FeaturesDict({
-              "audio": tfds.features.Tensor(shape=self._spectrogram_shape(),
-                                            dtype=np.float32),
+              # One bytes blob rather than a protobuf float list: reading
+              # it back is a memory copy, not a parse of 48k floats.
+              "audio": tfds.features.Tensor(
+                  shape=self._spectrogram_shape(), dtype=np.float32,
+                  encoding=tfds.features.Encoding.BYTES),
               "frames": tfds.features.Sequence(tfds.features.Image(
                   shape=(None, None, 3), encoding_format="jpeg")),
               "label": tfds.features.ClassLabel(names=list(self.classes())),
@@ -377,11 +380,14 @@ def prepare(name: str, manual_dir: str | os.PathLike, data_dir: str | os.PathLik
   return builder
 
 
-def load_prepared(path: str | os.PathLike) -> dict:
+def load_prepared(path: str | os.PathLike, *, decode_frames: bool = False
+                  ) -> dict:
   """``{split: random-access source}`` of a prepared data set (no TensorFlow).
 
   ``path`` is the version folder TFDS wrote, e.g.
-  ``<data_dir>/crema_d/standard/1.0.0`` (``builder.data_dir``).
+  ``<data_dir>/crema_d/standard/1.0.0`` (``builder.data_dir``). Frames come
+  back JPEG-encoded (``bytes``) unless ``decode_frames``: the pipeline
+  decodes only the frames it samples.
   """
   if tfds is None:
     raise ImportError("reading prepared data needs tensorflow-datasets.")
@@ -389,4 +395,22 @@ def load_prepared(path: str | os.PathLike) -> dict:
   if not (path / "dataset_info.json").is_file():
     raise DataError(f"{path} is not a prepared data set (no "
                     "dataset_info.json); run arl_jax.data.prepare first.")
-  return tfds.builder_from_directory(os.fspath(path)).as_data_source()
+  builder = tfds.builder_from_directory(os.fspath(path))
+  if decode_frames:
+    return builder.as_data_source()
+  return builder.as_data_source(decoders={"frames": KeepEncoded()})
+
+
+if tfds is not None:
+
+  class KeepEncoded(tfds.decode.Decoder):
+    """TFDS decoder that leaves images JPEG-encoded (decode only what is used)."""
+
+    def decode_example(self, serialized_example):
+      return serialized_example
+
+    def decode_example_np(self, serialized_example):
+      return serialized_example
+
+    def decode_batch_example_np(self, serialized_examples):
+      return list(serialized_examples)

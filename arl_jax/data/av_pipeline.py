@@ -2,7 +2,10 @@
 
 Train: per-epoch shuffle, ``T`` frames sampled at random from the clip's
 frames, each frame a random resized crop (scale 0.08-1, aspect 3/4-4/3) to
-``image_size`` and a random horizontal flip, ImageNet normalisation.
+``image_size`` and a random horizontal flip. Frames leave the pipeline as
+uint8 (4x less to copy to the accelerator); the ImageNet normalisation runs
+on the device, in :class:`arl_jax.models.FrameEncoder`, unless
+``normalize=True`` asks for float32 frames normalised here.
 Evaluation: evenly spaced frames resized to ``image_size`` x ``image_size``,
 the same every time, and a padded last batch with ``mask`` False on the
 padding (every example evaluated once; the release drops the last batch).
@@ -48,17 +51,31 @@ def _normalise(frames: np.ndarray) -> np.ndarray:
   return ((frames.astype(np.float32) / 255.0) - MEAN) / STD
 
 
-def _frames_of(example) -> list[np.ndarray]:
+def _frames_of(example) -> list:
   frames = example["frames"]
-  return list(frames) if not isinstance(frames, np.ndarray) or frames.ndim == 4 \
-      else [frames]
+  if isinstance(frames, np.ndarray) and frames.ndim == 3:
+    return [frames]
+  return list(frames)
+
+
+def _decode(frame) -> np.ndarray:
+  """A frame as uint8 [H, W, 3]: decoded already, or JPEG bytes."""
+  if isinstance(frame, np.ndarray) and frame.dtype == np.uint8 and frame.ndim == 3:
+    return frame
+  import io
+
+  from PIL import Image
+  with Image.open(io.BytesIO(bytes(frame))) as img:
+    return np.asarray(img.convert("RGB"))
 
 
 class TrainTransform:
   """Random frame choice, random resized crop, flip, normalisation."""
 
-  def __init__(self, num_frames: int, image_size: int = 224):
+  def __init__(self, num_frames: int, image_size: int = 224,
+               normalize: bool = False):
     self.num_frames, self.image_size = num_frames, image_size
+    self.normalize = normalize
 
   def __call__(self, example, rng: np.random.Generator):
     frames = _frames_of(example)
@@ -66,27 +83,31 @@ class TrainTransform:
     idx = np.sort(rng.choice(len(frames), self.num_frames, replace=replace))
     out = []
     for i in idx:
-      f = random_resized_crop(frames[i], self.image_size, rng)
+      f = random_resized_crop(_decode(frames[i]), self.image_size, rng)
       if rng.random() < 0.5:
         f = f[:, ::-1]
       out.append(f)
+    frames = np.stack(out)
     return {"audio": np.asarray(example["audio"], np.float32),
-            "visual": _normalise(np.stack(out)),
+            "visual": _normalise(frames) if self.normalize else frames,
             "label": np.int32(example["label"])}
 
 
 class EvalTransform:
-  """Evenly spaced frames, resized, normalised: deterministic."""
+  """Evenly spaced frames, resized: deterministic."""
 
-  def __init__(self, num_frames: int, image_size: int = 224):
+  def __init__(self, num_frames: int, image_size: int = 224,
+               normalize: bool = False):
     self.num_frames, self.image_size = num_frames, image_size
+    self.normalize = normalize
 
   def __call__(self, example):
     frames = _frames_of(example)
     idx = np.linspace(0, len(frames) - 1, self.num_frames).round().astype(int)
-    out = [_resize(frames[i], (self.image_size, self.image_size)) for i in idx]
+    out = np.stack([_resize(_decode(frames[i]),
+                            (self.image_size, self.image_size)) for i in idx])
     return {"audio": np.asarray(example["audio"], np.float32),
-            "visual": _normalise(np.stack(out)),
+            "visual": _normalise(out) if self.normalize else out,
             "label": np.int32(example["label"])}
 
 
@@ -104,7 +125,7 @@ def _collate(examples: Sequence[dict], batch_size: int) -> dict:
 
 def batches(source, *, batch_size: int, train: bool, num_frames: int = 1,
             image_size: int = 224, seed: int = 0, epoch: int = 0,
-            num_workers: int = 0) -> Iterator[dict]:
+            num_workers: int = 0, normalize: bool = False) -> Iterator[dict]:
   """One epoch of ``{"inputs": {"audio", "visual"}, "labels", "mask"}`` batches.
 
   Args:
@@ -114,15 +135,17 @@ def batches(source, *, batch_size: int, train: bool, num_frames: int = 1,
     train: augmentation and shuffling (seeded by ``seed`` and ``epoch``).
     num_frames: frames per clip (CREMA-D 1, Kinetics-Sounds and AVE 3).
     num_workers: grain worker processes (0: in this process).
+    normalize: float32 frames normalised here instead of uint8 frames
+      (normalised on the device by ``FrameEncoder``).
   """
   import grain
   ds = grain.MapDataset.source(source)
   if train:
     ds = ds.shuffle(seed=seed + 7919 * epoch)
-    ds = ds.random_map(TrainTransform(num_frames, image_size),
+    ds = ds.random_map(TrainTransform(num_frames, image_size, normalize),
                        seed=seed + 104729 * epoch)
   else:
-    ds = ds.map(EvalTransform(num_frames, image_size))
+    ds = ds.map(EvalTransform(num_frames, image_size, normalize))
   ds = ds.batch(batch_size, drop_remainder=train,
                 batch_fn=lambda rows: _collate(rows, batch_size))
   it = ds.to_iter_dataset()

@@ -89,7 +89,9 @@ class FrameEncoder(nn.Module):
 
   The frames are folded into the batch (``[batch * T, H, W, 3]``), encoded
   independently and their pooled features averaged over time, as the
-  reference implementation does.
+  reference implementation does. uint8 frames (what the input pipeline
+  emits) are normalised here with the ImageNet mean and std; float frames
+  are taken as already normalised.
   """
   num_frames: int = 1
   image_size: int | None = 224
@@ -101,6 +103,10 @@ class FrameEncoder(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    if x.dtype == jnp.uint8:
+      mean = jnp.array([0.485, 0.456, 0.406], jnp.float32)
+      std = jnp.array([0.229, 0.224, 0.225], jnp.float32)
+      x = (x.astype(jnp.float32) / 255.0 - mean) / std
     b, t = x.shape[:2]
     z = ResNet18(dtype=self.dtype, name="resnet")(
         x.reshape((b * t,) + x.shape[2:]), train)
