@@ -15,7 +15,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 run: $(VENV)/.installed
-	$(PY) -m experiments.demo
+	$(PY) -m experiments.compare
 
 test: $(VENV)/.installed
 	$(PY) -m pytest

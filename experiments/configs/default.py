@@ -1,0 +1,55 @@
+"""Defaults shared by every experiment (the paper's optimisation settings).
+
+SGD lr 1e-3, momentum 0.9, weight decay 1e-4, batch 64, 100 epochs, lr x0.1
+at epoch 70, gradient-norm clip 40, gamma 4, warm-up 5 epochs (ARL_SPEC.md).
+"""
+
+import ml_collections
+
+from arl_jax import methods as methods_lib
+
+METHODS = methods_lib.method_names()
+
+
+def get_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.data = ml_collections.ConfigDict()
+  c.data.source = "synthetic"        # synthetic | uci | crema_d | kinetics_sounds | ave
+  c.data.path = ""                   # local copy of an audio-visual data set
+  c.data.prepared_dir = ""           # where TFDS writes it (default: workdir/data)
+  c.data.noise = {"audio": 1.0, "visual": 2.5}   # synthetic: sigma per modality
+  c.data.nonlinear = False
+  c.data.num_classes = 6
+  c.data.dim = 8
+  c.data.sizes = (2048, 512, 2048)
+  c.data.views = ("profile", "morphological")     # uci
+  c.data.split_seed = 0
+  c.data.num_frames = 1
+  c.data.image_size = 224
+  c.data.actor_disjoint = False
+  c.model = ml_collections.ConfigDict()
+  c.model.encoder_widths = (64,)
+  c.model.fusion = "concat"
+  c.model.dtype = "float32"
+  c.method = ml_collections.ConfigDict()
+  c.method.name = "arl"
+  c.method.gamma = 4.0
+  c.method.warmup_gamma = 1.0
+  c.method.temperature = 4.0
+  c.method.alpha = 0.1                # OGM-GE only
+  c.optim = ml_collections.ConfigDict()
+  c.optim.learning_rate = 1e-3
+  c.optim.momentum = 0.9
+  c.optim.weight_decay = 1e-4
+  c.optim.clip_norm = 40.0
+  c.optim.decay_epochs = (70,)
+  c.optim.decay_factor = 0.1
+  c.batch_size = 64
+  c.num_epochs = 100
+  c.warmup_epochs = 5
+  c.checkpoint_every_epochs = 1
+  c.eval_batch_size = 256
+  c.plots = True
+  c.progress = "auto"                 # auto | bar | lines | none
+  return c

@@ -1,0 +1,396 @@
+"""The trainer: ``train_and_evaluate(config, workdir) -> final metrics``.
+
+One epoch loop around :func:`arl_jax.make_train_step`, with orbax
+checkpoints (every ``checkpoint_every_epochs`` and at the end; an interrupted
+run resumes from ``workdir``, bit-identically on CPU), per-epoch metrics in
+``workdir/metrics.jsonl``, model selection on the validation split only, and
+plots. The method is data (``config.method.name``): the trainer never looks at
+which one it runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import pathlib
+import sys
+import time
+from collections.abc import Callable
+from collections.abc import Iterator
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+
+import arl_jax
+from arl_jax import data as data_lib
+from arl_jax import models
+from experiments.configs import default as default_config
+
+AV_SOURCES = ("crema_d", "kinetics_sounds", "ave")
+SOURCES = ("synthetic", "uci") + AV_SOURCES
+FREE_FORM = {("data", "noise")}      # dict-valued fields whose keys are data
+
+
+class ConfigError(ValueError):
+  """A config that cannot run; raised before anything is written."""
+
+
+# ------------------------------------------------------------------ config --
+
+def _check_fields(config, reference, prefix=()):
+  for key in config.keys():
+    path = prefix + (key,)
+    if key not in reference:
+      raise ConfigError(f"unknown config field {'.'.join(path)!r}; known "
+                        f"fields here: {sorted(reference.keys())}.")
+    if path in FREE_FORM:
+      continue
+    if isinstance(reference[key], ml_collections.ConfigDict):
+      _check_fields(config[key], reference[key], path)
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+  """Raises :class:`ConfigError` naming the first problem found."""
+  _check_fields(config, default_config.get_config())
+  if config.method.name not in arl_jax.method_names():
+    raise ConfigError(f"unknown method {config.method.name!r}; known methods: "
+                      f"{list(arl_jax.method_names())}.")
+  if config.data.source not in SOURCES:
+    raise ConfigError(f"unknown data source {config.data.source!r}; known: "
+                      f"{list(SOURCES)}.")
+  if config.data.source in AV_SOURCES:
+    if not config.data.path:
+      raise ConfigError(f"config.data.path is required for "
+                        f"{config.data.source}: the folder of your local copy.")
+    if not pathlib.Path(config.data.path).is_dir():
+      raise ConfigError(f"config.data.path {config.data.path!r} does not "
+                        "exist.")
+  for name in ("batch_size", "num_epochs", "eval_batch_size"):
+    if config[name] < 1:
+      raise ConfigError(f"config.{name} must be >= 1; got {config[name]}.")
+  if config.model.dtype not in ("float32", "bfloat16"):
+    raise ConfigError(f"config.model.dtype must be float32 or bfloat16; got "
+                      f"{config.model.dtype!r}.")
+  make_method(config)   # method-specific checks (temperature > 0, ...)
+
+
+def make_method(config) -> arl_jax.Method:
+  cls = arl_jax.methods._REGISTRY[config.method.name]
+  fields = {f.name for f in dataclasses.fields(cls)}
+  kwargs = {k: v for k, v in config.method.items() if k in fields}
+  if config.method.name in ("concat", "ogm_ge"):   # no unimodal loss
+    kwargs.pop("gamma", None)
+    kwargs.pop("warmup_gamma", None)
+  try:
+    return cls(**kwargs)
+  except ValueError as e:
+    raise ConfigError(f"method {config.method.name!r}: {e}") from e
+
+
+# -------------------------------------------------------------------- data --
+
+@dataclasses.dataclass
+class Data:
+  modalities: tuple[str, ...]
+  num_classes: int
+  example: dict                           # a few inputs, for initialisation
+  train: Callable[[int], Iterator[dict]]  # epoch -> batches
+  evaluate: dict[str, Callable[[], Iterator[dict]]]
+  steps_per_epoch: int
+  extra: dict
+
+
+def load_data(config, workdir: pathlib.Path) -> Data:
+  c = config.data
+  if c.source in ("synthetic", "uci"):
+    extra = {}
+    if c.source == "synthetic":
+      problem = data_lib.make_linear_gaussian(
+          dict(c.noise), num_classes=c.num_classes, dim=c.dim,
+          sizes=tuple(c.sizes), seed=c.split_seed, nonlinear=c.nonlinear)
+      splits, num_classes = problem.splits, problem.num_classes
+      extra = {"bayes_accuracy": problem.bayes_accuracy,
+               "unimodal_bayes_accuracy": dict(problem.unimodal_bayes_accuracy)}
+    else:
+      d = data_lib.load_uci_multifeature(tuple(c.views), seed=c.split_seed)
+      splits, num_classes = d.splits, d.num_classes
+    x, y = splits["train"]
+    bs = config.batch_size
+    return Data(
+        modalities=tuple(x), num_classes=num_classes,
+        example={m: v[:2] for m, v in x.items()},
+        train=lambda epoch: data_lib.iterate_batches(
+            x, y, bs, shuffle=True, seed=config.seed, epoch=epoch,
+            drop_last=True),
+        evaluate={s: functools.partial(data_lib.iterate_batches, *splits[s],
+                                       config.eval_batch_size)
+                  for s in ("validation", "test")},
+        steps_per_epoch=len(y) // bs, extra=extra)
+  kwargs = {"config": "actor_disjoint"} if (
+      c.source == "crema_d" and c.actor_disjoint) else {}
+  prepared = pathlib.Path(c.prepared_dir or workdir / "data")
+  builder = data_lib.prepare(c.source, c.path, prepared, **kwargs)
+  src = data_lib.load_prepared(builder.data_dir)
+  first = next(data_lib.av_batches(src["validation"], batch_size=2, train=False,
+                                   num_frames=c.num_frames,
+                                   image_size=c.image_size))
+  av = functools.partial(data_lib.av_batches, num_frames=c.num_frames,
+                         image_size=c.image_size)
+  return Data(
+      modalities=("audio", "visual"),
+      num_classes=builder.info.features["label"].num_classes,
+      example=first["inputs"],
+      train=lambda epoch: av(src["train"], batch_size=config.batch_size,
+                             train=True, seed=config.seed, epoch=epoch),
+      evaluate={s: functools.partial(av, src[s], batch_size=config.eval_batch_size,
+                                     train=False)
+                for s in ("validation", "test")},
+      steps_per_epoch=len(src["train"]) // config.batch_size, extra={})
+
+
+# ------------------------------------------------------------------- model --
+
+def build_model(config, data: Data):
+  dtype = jnp.bfloat16 if config.model.dtype == "bfloat16" else jnp.float32
+  if config.data.source in AV_SOURCES:
+    audio_shape = tuple(data.example["audio"].shape[1:])
+    return models.audio_visual_classifier(
+        data.num_classes, audio_shape=audio_shape,
+        num_frames=config.data.num_frames, image_size=config.data.image_size,
+        fusion=config.model.fusion, dtype=dtype)
+  dims = {m: int(v.shape[-1]) for m, v in data.example.items()}
+  return models.multiview_classifier(
+      dims, data.num_classes, encoder_widths=tuple(config.model.encoder_widths),
+      fusion=config.model.fusion, dtype=dtype)
+
+
+def make_optimizer(config, data: Data):
+  steps = data.steps_per_epoch
+  schedule = optax.piecewise_constant_schedule(
+      config.optim.learning_rate,
+      {int(e) * steps: config.optim.decay_factor
+       for e in config.optim.decay_epochs})
+  labels = functools.partial(models.modality_labels, modalities=data.modalities)
+  return optax.chain(
+      arl_jax.scale_by_modality(labels, noise_seed=config.seed),
+      optax.clip_by_global_norm(config.optim.clip_norm),
+      optax.add_decayed_weights(config.optim.weight_decay),
+      optax.sgd(schedule, momentum=config.optim.momentum)), schedule
+
+
+# ----------------------------------------------------------------- metrics --
+
+def macro_f1(predictions: np.ndarray, labels: np.ndarray, num_classes: int
+             ) -> float:
+  f1 = []
+  for c in range(num_classes):
+    tp = np.sum((predictions == c) & (labels == c))
+    fp = np.sum((predictions == c) & (labels != c))
+    fn = np.sum((predictions != c) & (labels == c))
+    if tp + fp + fn == 0:
+      continue
+    f1.append(2 * tp / (2 * tp + fp + fn))
+  return float(np.mean(f1)) if f1 else 0.0
+
+
+def evaluate(eval_step, state, batches, num_classes) -> dict:
+  correct = count = 0.0
+  uni: dict[str, float] = {}
+  preds, labels = [], []
+  for batch in batches():
+    out = jax.device_get(eval_step(state, batch))
+    correct += float(out["correct"])
+    count += float(out["count"])
+    for m, v in out["unimodal_correct"].items():
+      uni[m] = uni.get(m, 0.0) + float(v)
+    valid = np.asarray(out["valid"])
+    preds.append(np.asarray(out["predictions"])[valid])
+    labels.append(np.asarray(batch["labels"])[valid])
+  p, y = np.concatenate(preds), np.concatenate(labels)
+  return {"accuracy": correct / max(count, 1.0),
+          "macro_f1": macro_f1(p, y, num_classes), "count": int(count),
+          "unimodal_accuracy": {m: v / max(count, 1.0) for m, v in uni.items()}}
+
+
+def _mean_metrics(history: list[dict]) -> dict:
+  host = jax.device_get(history)
+  return jax.tree.map(lambda *xs: float(np.mean(xs)), *host)
+
+
+def epoch_record(epoch, train, val, test, lr, modalities) -> dict:
+  ref = modalities[-1]
+  q, s = train["q"], train["s"]
+  return {
+      "epoch": epoch, "lr": float(lr),
+      "train_loss": train["loss"], "train_accuracy": train["accuracy"],
+      "train_unimodal_accuracy": train["unimodal_accuracy"],
+      "q": q, "s": s, "a": train["a"], "scale": train["scale"],
+      "warmup": train["warmup"], "update_skipped": train["update_skipped"],
+      # Fig. 3 of the paper: the dependency ratio s_m / s_ref against the
+      # inverse-variance ratio q_m / q_ref (ref: the last modality).
+      "dependency_ratio": {m: s[m] / s[ref] for m in modalities if m != ref},
+      "inverse_variance_ratio": {m: q[m] / q[ref] for m in modalities
+                                 if m != ref},
+      "val_accuracy": val["accuracy"], "val_macro_f1": val["macro_f1"],
+      "val_unimodal_accuracy": val["unimodal_accuracy"],
+      "test_accuracy": test["accuracy"], "test_macro_f1": test["macro_f1"],
+  }
+
+
+# -------------------------------------------------------------- resumption --
+
+def _config_json(config) -> str:
+  c = ml_collections.ConfigDict(config.to_dict())
+  # Presentation-only fields may change between a run and its resumption.
+  for key in ("progress", "plots"):
+    c[key] = None
+  return c.to_json(sort_keys=True)
+
+
+def _check_workdir(config, workdir: pathlib.Path) -> None:
+  saved = workdir / "config.json"
+  ckpt = workdir / "checkpoints"
+  if saved.exists():
+    if json.loads(saved.read_text()) != json.loads(_config_json(config)):
+      raise ConfigError(
+          f"{workdir} holds a run with a different config ({saved}); use "
+          "another --workdir (nothing was changed).")
+  elif ckpt.exists() and any(ckpt.iterdir()):
+    raise ConfigError(f"{ckpt} holds checkpoints but {saved} is missing: not "
+                      "resuming an unknown run (nothing was changed).")
+
+
+class _Progress:
+  """tqdm bar on a terminal, one line per epoch otherwise."""
+
+  def __init__(self, mode: str, total: int, desc: str):
+    interactive = sys.stderr.isatty() if mode == "auto" else mode == "bar"
+    self.bar = None
+    self.lines = mode in ("auto", "lines") and not interactive
+    if interactive:
+      from tqdm.auto import tqdm
+      self.bar = tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
+
+  def step(self, metrics, i):
+    if self.bar is not None:
+      self.bar.update(1)
+      if i % 10 == 0:
+        self.bar.set_postfix(loss=f"{float(metrics['loss']):.3f}",
+                             acc=f"{float(metrics['accuracy']):.3f}")
+
+  def epoch(self, record):
+    if self.bar is not None:
+      self.bar.close()
+    if self.lines or self.bar is not None:
+      print(f"epoch {record['epoch']:3d}  loss {record['train_loss']:.4f}  "
+            f"train acc {record['train_accuracy']:.4f}  val acc "
+            f"{record['val_accuracy']:.4f}  a = "
+            + " ".join(f"{m}:{v:.3f}" for m, v in record["a"].items()),
+            flush=True)
+
+
+# ------------------------------------------------------------------- train --
+
+def train_and_evaluate(config: ml_collections.ConfigDict,
+                       workdir: str | pathlib.Path) -> dict:
+  """Trains ``config`` in ``workdir`` (resuming it if interrupted).
+
+  Returns the final report (also written to ``workdir/results.json``): test
+  accuracy and macro-F1 at the best *validation* epoch and at the last epoch.
+  """
+  validate_config(config)
+  workdir = pathlib.Path(workdir)
+  if workdir.exists():
+    _check_workdir(config, workdir)
+  data = load_data(config, workdir)
+  method = make_method(config)
+  workdir.mkdir(parents=True, exist_ok=True)
+  (workdir / "config.json").write_text(_config_json(config))
+
+  model = build_model(config, data)
+  params, model_state = models.init_model(model, jax.random.PRNGKey(config.seed),
+                                          data.example)
+  tx, schedule = make_optimizer(config, data)
+  state = arl_jax.TrainState.create(params=params, tx=tx,
+                                    model_state=model_state,
+                                    rng=jax.random.PRNGKey(config.seed + 1))
+  apply_fn = models.make_apply_fn(model)
+  train_step = jax.jit(arl_jax.make_train_step(
+      apply_fn, tx, method,
+      warmup_steps=config.warmup_epochs * data.steps_per_epoch),
+      donate_argnums=0)
+  eval_step = jax.jit(arl_jax.make_eval_step(apply_fn))
+
+  manager = ocp.CheckpointManager(
+      (workdir / "checkpoints").absolute(),
+      options=ocp.CheckpointManagerOptions(max_to_keep=2,
+                                           enable_async_checkpointing=False))
+  meta = {"epoch": 0, "best_val": -1.0, "best_epoch": 0}
+  if manager.latest_step() is not None:
+    step = manager.latest_step()
+    restored = manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(state), meta=ocp.args.JsonRestore()))
+    state, meta = restored.state, dict(restored.meta)
+  history_path = workdir / "metrics.jsonl"
+  history = []
+  if history_path.exists():          # keep only epochs the checkpoint covers
+    history = [json.loads(l) for l in history_path.read_text().splitlines()
+               if l.strip()]
+    history = [h for h in history if h["epoch"] <= meta["epoch"]]
+    history_path.write_text("".join(json.dumps(h) + "\n" for h in history))
+
+  for epoch in range(meta["epoch"] + 1, config.num_epochs + 1):
+    start = time.perf_counter()
+    progress = _Progress(config.progress, data.steps_per_epoch,
+                         f"epoch {epoch}/{config.num_epochs}")
+    step_metrics = []
+    for i, batch in enumerate(data.train(epoch)):
+      state, metrics = train_step(state, batch)
+      step_metrics.append(metrics)
+      progress.step(metrics, i)
+    train = _mean_metrics(step_metrics)
+    val = evaluate(eval_step, state, data.evaluate["validation"],
+                   data.num_classes)
+    test = evaluate(eval_step, state, data.evaluate["test"], data.num_classes)
+    record = epoch_record(epoch, train, val, test,
+                          schedule(int(state.step) - 1), data.modalities)
+    record["time_s"] = time.perf_counter() - start
+    if val["accuracy"] > meta["best_val"]:
+      meta.update(best_val=val["accuracy"], best_epoch=epoch)
+    meta["epoch"] = epoch
+    history.append(record)
+    with open(history_path, "a") as f:
+      f.write(json.dumps(record) + "\n")
+    progress.epoch(record)
+    if epoch % config.checkpoint_every_epochs == 0 or epoch == config.num_epochs:
+      manager.save(epoch, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
+  manager.wait_until_finished()
+  manager.close()
+
+  best = next(h for h in history if h["epoch"] == meta["best_epoch"])
+  last = history[-1]
+  report = {
+      "method": config.method.name, "source": config.data.source,
+      "seed": config.seed, "epochs": config.num_epochs,
+      "best_epoch": meta["best_epoch"],
+      "val_accuracy_at_best": best["val_accuracy"],
+      "test_accuracy_at_best_val": best["test_accuracy"],
+      "test_macro_f1_at_best_val": best["test_macro_f1"],
+      "test_accuracy_last": last["test_accuracy"],
+      "test_macro_f1_last": last["test_macro_f1"],
+      "dependency_ratio_last": last["dependency_ratio"],
+      "inverse_variance_ratio_last": last["inverse_variance_ratio"],
+      "a_last": last["a"], **data.extra,
+  }
+  (workdir / "results.json").write_text(json.dumps(report, indent=1))
+  if config.plots:
+    from experiments import plots
+    plots.plot_run(history, workdir, title=f"{config.data.source} / "
+                   f"{config.method.name} / seed {config.seed}")
+  return report

@@ -1,0 +1,210 @@
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from arl_jax.data import fixtures
+from experiments import train
+from experiments.configs import ave
+from experiments.configs import crema_d
+from experiments.configs import kinetics_sounds
+from experiments.configs import synthetic
+from experiments.configs import uci
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def tiny_synthetic(epochs=3, **overrides):
+  c = synthetic.get_config()
+  c.data.sizes = (512, 128, 256)
+  c.num_epochs, c.warmup_epochs, c.optim.decay_epochs = epochs, 1, (2,)
+  c.progress = "none"
+  for k, v in overrides.items():
+    node = c
+    *path, last = k.split(".")
+    for p in path:
+      node = node[p]
+    node[last] = v
+  return c
+
+
+# ----------------------------------------------------------------- config --
+
+def test_configs_load_and_validate():
+  for cfg in (synthetic, uci):
+    train.validate_config(cfg.get_config())
+  for cfg, t in ((crema_d, 8.0), (kinetics_sounds, 4.0), (ave, 4.0)):
+    c = cfg.get_config()
+    assert c.method.temperature == t and c.method.gamma == 4.0
+    assert c.optim.learning_rate == 1e-3 and c.batch_size == 64
+    assert c.num_epochs == 100 and tuple(c.optim.decay_epochs) == (70,)
+    assert c.optim.clip_norm == 40.0 and c.warmup_epochs == 5
+    with pytest.raises(train.ConfigError, match="config.data.path is required"):
+      train.validate_config(c)
+
+
+@pytest.mark.parametrize("change,match", [
+    (lambda c: c.method.update(name="arll"), "unknown method 'arll'"),
+    (lambda c: c.data.update(source="imagenet"), "unknown data source"),
+    (lambda c: c.update(batch_size=0), "batch_size must be >= 1"),
+    (lambda c: c.method.update(temperature=-1.0), "temperature must be > 0"),
+    (lambda c: c.data.update(source="crema_d", path="/no/such/dir"),
+     "does not exist"),
+])
+def test_bad_configs_fail_before_training(change, match, tmp_path):
+  c = tiny_synthetic()
+  change(c)
+  with pytest.raises(train.ConfigError, match=match):
+    train.train_and_evaluate(c, tmp_path / "run")
+  assert not (tmp_path / "run").exists()
+
+
+def test_unknown_config_field():
+  c = tiny_synthetic()
+  c.unlock()
+  c.method.temprature = 3.0
+  with pytest.raises(train.ConfigError, match="unknown config field "
+                     "'method.temprature'"):
+    train.validate_config(c)
+
+
+def test_cli_rejects_unknown_override(tmp_path):
+  out = subprocess.run(
+      [sys.executable, "-m", "experiments.main", "--config",
+       "experiments/configs/synthetic.py", "--workdir", str(tmp_path / "w"),
+       "--config.nonsense=1"], cwd=ROOT, capture_output=True, text=True,
+      timeout=120)
+  assert out.returncode != 0 and "nonsense" in out.stderr
+  assert not (tmp_path / "w").exists()
+
+
+# ------------------------------------------------------------- real runs --
+
+def _check_run(workdir, epochs, modalities):
+  lines = (workdir / "metrics.jsonl").read_text().splitlines()
+  history = [json.loads(l) for l in lines]
+  assert [h["epoch"] for h in history] == list(range(1, epochs + 1))
+  for h in history:
+    for key in ("train_loss", "val_accuracy", "test_accuracy", "val_macro_f1"):
+      assert np.isfinite(h[key])
+    assert set(h["a"]) == set(modalities)
+    assert all(np.isfinite(v) for v in h["q"].values())
+  for png in ("training_curves.png", "coefficients.png", "fig3_ratios.png"):
+    assert (workdir / png).stat().st_size > 1000
+  report = json.loads((workdir / "results.json").read_text())
+  assert 1 <= report["best_epoch"] <= epochs
+  return history, report
+
+
+def test_short_run_synthetic_and_method_switching(tmp_path):
+  reports = {}
+  for method in ("concat", "arl", "ogm_ge"):
+    c = tiny_synthetic(epochs=2)
+    c.method.name = method
+    reports[method] = train.train_and_evaluate(c, tmp_path / method)
+    history, _ = _check_run(tmp_path / method, 2, ("audio", "visual"))
+  assert reports["concat"]["a_last"] != reports["arl"]["a_last"]
+  assert reports["arl"]["bayes_accuracy"] > 0.5
+
+
+def test_short_run_uci(tmp_path):
+  c = uci.get_config()
+  c.num_epochs, c.warmup_epochs, c.progress = 2, 1, "none"
+  c.data.views = ("fourier", "karhunen", "morphological")
+  train.train_and_evaluate(c, tmp_path / "uci")
+  _check_run(tmp_path / "uci", 2, ("fourier", "karhunen", "morphological"))
+
+
+def test_short_run_crema_d_from_local_files(tmp_path, monkeypatch):
+  monkeypatch.setenv("TMPDIR", str(tmp_path))
+  root = fixtures.write_fake_crema_d(tmp_path / "raw", actors=(1001, 1002),
+                                     sentences=("DFA",), frames=1, seconds=0.5,
+                                     test_fraction=0.35)
+  c = crema_d.get_config()
+  c.data.path = str(root)
+  c.data.image_size = 32
+  c.batch_size, c.eval_batch_size, c.num_epochs = 4, 8, 1
+  c.warmup_epochs, c.progress = 0, "none"
+  train.train_and_evaluate(c, tmp_path / "run")
+  _check_run(tmp_path / "run", 1, ("audio", "visual"))
+
+
+# ----------------------------------------------------- resume and workdir --
+
+def _final_state(workdir):
+  mngr = ocp.CheckpointManager(pathlib.Path(workdir).absolute() / "checkpoints")
+  step = mngr.latest_step()
+  restored = mngr.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
+  return step, restored.state
+
+
+def _history(workdir):
+  out = []
+  for l in (workdir / "metrics.jsonl").read_text().splitlines():
+    h = json.loads(l)
+    h.pop("time_s")
+    out.append(h)
+  return out
+
+
+def test_sigkill_and_resume_gives_identical_results(tmp_path):
+  epochs = 6
+  overrides = {"data.sizes": (4096, 256, 256), "num_epochs": epochs}
+  reference = tmp_path / "reference"
+  train.train_and_evaluate(tiny_synthetic(**overrides), reference)
+
+  killed = tmp_path / "killed"
+  script = (
+      "import sys; sys.path.insert(0, %r); sys.path.insert(0, %r)\n"
+      "from test_runner import tiny_synthetic\n"
+      "from experiments import train\n"
+      "train.train_and_evaluate(tiny_synthetic(**%r), %r)\n"
+      % (str(ROOT), str(ROOT / "tests"), overrides, str(killed)))
+  proc = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT,
+                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  deadline = time.monotonic() + 240
+  ckpt = killed / "checkpoints"
+  try:
+    # Kill somewhere in epoch 3 or 4: after the 2nd checkpoint exists.
+    while not (ckpt / "2").exists():
+      assert proc.poll() is None, "training ended before it could be killed"
+      assert time.monotonic() < deadline
+      time.sleep(0.05)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+  assert not (killed / "results.json").exists()
+  train.train_and_evaluate(tiny_synthetic(**overrides), killed)
+
+  assert _history(killed) == _history(reference)
+  step_a, state_a = _final_state(reference)
+  step_b, state_b = _final_state(killed)
+  assert step_a == step_b == epochs
+  jax.tree.map(np.testing.assert_array_equal, state_a, state_b)   # bitwise
+  ra = json.loads((reference / "results.json").read_text())
+  rb = json.loads((killed / "results.json").read_text())
+  assert ra == rb
+
+
+def test_workdir_of_another_config_is_refused_and_kept(tmp_path):
+  run = tmp_path / "run"
+  train.train_and_evaluate(tiny_synthetic(epochs=1), run)
+  before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+  other = tiny_synthetic(epochs=1)
+  other.method.name = "concat"
+  with pytest.raises(train.ConfigError, match="different config"):
+    train.train_and_evaluate(other, run)
+  after = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+  assert before == after
