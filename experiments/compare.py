@@ -119,7 +119,8 @@ def table(results) -> str:
       if bayes is not None:
         row += f" {100 * (bayes - np.mean(acc)):.2f} |"
       dep = reports[0]["dependency_ratio_last"]
-      ratio = lambda key, m: np.mean([r[key][m] for r in reports])
+      ratio = lambda key, m, reports=reports: np.mean([r[key][m]
+                                                       for r in reports])
       row += (" " + ", ".join(f"{m}: {ratio('dependency_ratio_last', m):.2f}"
                               for m in dep) + " | "
               + ", ".join(f"{m}: {ratio('inverse_variance_ratio_last', m):.2f}"

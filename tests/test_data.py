@@ -188,7 +188,8 @@ def test_crema_d_actor_disjoint_split(tmp_path):
   assert actors["train"].isdisjoint(actors["test"])
   assert actors["train"].isdisjoint(actors["validation"])
   assert actors["validation"].isdisjoint(actors["test"])
-  assert (len(actors["train"]), len(actors["validation"]), len(actors["test"])) == (7, 1, 2)
+  counts = tuple(len(actors[s]) for s in ("train", "validation", "test"))
+  assert counts == (7, 1, 2)
 
 
 def test_kinetics_sounds_and_ave_layouts(tmp_path):

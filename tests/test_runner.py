@@ -164,11 +164,12 @@ def test_sigkill_and_resume_gives_identical_results(tmp_path):
 
   killed = tmp_path / "killed"
   script = (
-      "import sys; sys.path.insert(0, %r); sys.path.insert(0, %r)\n"
+      f"import sys; sys.path.insert(0, {str(ROOT)!r}); "
+      f"sys.path.insert(0, {str(ROOT / 'tests')!r})\n"
       "from test_runner import tiny_synthetic\n"
       "from experiments import train\n"
-      "train.train_and_evaluate(tiny_synthetic(**%r), %r)\n"
-      % (str(ROOT), str(ROOT / "tests"), overrides, str(killed)))
+      f"train.train_and_evaluate(tiny_synthetic(**{overrides!r}), "
+      f"{str(killed)!r})\n")
   proc = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT,
                           env={**os.environ, "JAX_PLATFORMS": "cpu"})
   deadline = time.monotonic() + 240

@@ -1,6 +1,7 @@
 """Two-modality linear-Gaussian problem with a known Bayes-optimal accuracy.
 
-  python -m experiments.main --config experiments/configs/synthetic.py --workdir runs/syn
+  python -m experiments.main --config experiments/configs/synthetic.py \
+      --workdir runs/syn
 """
 
 from experiments.configs import default
