@@ -66,7 +66,19 @@ class UnimodalRegularisation(Method):
 
 
 @dataclasses.dataclass(frozen=True)
-class ARL(Method):
+class _SoftmaxRule(Method):
+  """Unimodal losses (gamma 4 after warm-up, 1 during) and a temperature T."""
+  gamma: float = 4.0
+  warmup_gamma: float = 1.0
+  temperature: float = 4.0
+
+  def __post_init__(self):
+    if not self.temperature > 0:
+      raise ValueError(f"temperature must be > 0; got {self.temperature}.")
+
+
+@dataclasses.dataclass(frozen=True)
+class ARL(_SoftmaxRule):
   """Asymmetric Representation Learning as in the paper (Eqs. 17-22).
 
   Coefficients ``a_m`` from :func:`arl_jax.arl_coefficients` (Eq. 18); encoder
@@ -82,16 +94,9 @@ class ARL(Method):
     reference: reference modality of the K-modality extension (default last).
   """
   name: ClassVar[str] = "arl"
-  gamma: float = 4.0
-  warmup_gamma: float = 1.0
-  temperature: float = 4.0
   residual: bool = True
   entropy_floor: float = stats_lib.DEFAULT_ENTROPY_FLOOR
   reference: str | None = None
-
-  def __post_init__(self):
-    if not self.temperature > 0:
-      raise ValueError(f"temperature must be > 0; got {self.temperature}.")
 
   def modulation(self, stats):
     a = coef_lib.arl_coefficients_from_statistics(
@@ -109,7 +114,7 @@ class ARLNoResidual(ARL):
 
 
 @dataclasses.dataclass(frozen=True)
-class ARLReleased(Method):
+class ARLReleased(_SoftmaxRule):
   """The authors' PyTorch release (see ``ARL_SPEC.md``, last section).
 
   Coefficients follow the release's formula
@@ -121,15 +126,8 @@ class ARLReleased(Method):
   CREMA-D script (gamma 4, T 8 there; set T per data set).
   """
   name: ClassVar[str] = "arl_released"
-  gamma: float = 4.0
-  warmup_gamma: float = 1.0
-  temperature: float = 4.0
   apply_constant: bool = False
   constant: float = 0.5
-
-  def __post_init__(self):
-    if not self.temperature > 0:
-      raise ValueError(f"temperature must be > 0; got {self.temperature}.")
 
   def modulation(self, stats):
     a = coef_lib.released_arl_coefficients_from_statistics(

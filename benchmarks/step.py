@@ -285,7 +285,7 @@ def main(argv=None):
   parser.add_argument("--models", default="mlp,resnet")
   parser.add_argument("--steps", type=int, default=None,
                       help="timed rounds, one step of each implementation "
-                           "per round (default: 30 on GPU; on CPU 10 ResNet, "
+                           "per round (default: 30 on GPU; on CPU 20 ResNet, "
                            "300 MLP)")
   parser.add_argument("--warmup", type=int, default=None)
   parser.add_argument("--skip-torch", action="store_true")
@@ -300,7 +300,7 @@ def main(argv=None):
       if args.steps is not None:
         steps = args.steps
       else:
-        steps = 30 if backend != "cpu" else (10 if kind == "resnet" else 300)
+        steps = 30 if backend != "cpu" else (20 if kind == "resnet" else 300)
       warmup = args.warmup if args.warmup is not None else (
           8 if backend != "cpu" else (2 if kind == "resnet" else 30))
       jdtype = jnp.bfloat16 if dtype == "bfloat16" else jnp.float32
