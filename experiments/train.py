@@ -80,16 +80,20 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
 
 
 def make_method(config) -> arl_jax.Method:
-  cls = arl_jax.methods._REGISTRY[config.method.name]
+  """The registered method ``config.method.name`` with the fields it has.
+
+  Fields left at ``None`` keep the method's default; fields the method does
+  not have are ignored (so one config can switch methods).
+  """
+  name = config.method.name
+  cls = arl_jax.methods._REGISTRY[name]
   fields = {f.name for f in dataclasses.fields(cls)}
-  kwargs = {k: v for k, v in config.method.items() if k in fields}
-  if config.method.name in ("concat", "ogm_ge"):   # no unimodal loss
-    kwargs.pop("gamma", None)
-    kwargs.pop("warmup_gamma", None)
+  kwargs = {k: v for k, v in config.method.items()
+            if k in fields and v is not None}
   try:
-    return cls(**kwargs)
+    return arl_jax.make_method(name, **kwargs)
   except ValueError as e:
-    raise ConfigError(f"method {config.method.name!r}: {e}") from e
+    raise ConfigError(f"method {name!r}: {e}") from e
 
 
 # -------------------------------------------------------------------- data --

@@ -43,7 +43,10 @@ def test_configs_load_and_validate():
     train.validate_config(cfg.get_config())
   for cfg, t in ((crema_d, 8.0), (kinetics_sounds, 4.0), (ave, 4.0)):
     c = cfg.get_config()
-    assert c.method.temperature == t and c.method.gamma == 4.0
+    method = train.make_method(c)
+    assert method.temperature == t and method.gamma == 4.0
+    c.method.name = "concat"                 # switching keeps each default
+    assert train.make_method(c).gamma == 0.0
     assert c.optim.learning_rate == 1e-3 and c.batch_size == 64
     assert c.num_epochs == 100 and tuple(c.optim.decay_epochs) == (70,)
     assert c.optim.clip_norm == 40.0 and c.warmup_epochs == 5
@@ -129,6 +132,23 @@ def test_short_run_crema_d_from_local_files(tmp_path, monkeypatch):
                                      sentences=("DFA",), frames=1, seconds=0.5,
                                      test_fraction=0.35)
   c = crema_d.get_config()
+  c.data.path = str(root)
+  c.data.image_size = 32
+  c.batch_size, c.eval_batch_size, c.num_epochs = 4, 8, 1
+  c.warmup_epochs, c.progress = 0, "none"
+  train.train_and_evaluate(c, tmp_path / "run")
+  _check_run(tmp_path / "run", 1, ("audio", "visual"))
+
+
+@pytest.mark.parametrize("source", ["kinetics_sounds", "ave"])
+def test_short_run_kinetics_sounds_and_ave(source, tmp_path, monkeypatch):
+  monkeypatch.setenv("TMPDIR", str(tmp_path))
+  if source == "ave":
+    root, cfg = fixtures.write_fake_ave(tmp_path / "raw", seconds=0.5), ave
+  else:
+    root = fixtures.write_fake_kinetics_sounds(tmp_path / "raw", seconds=0.5)
+    cfg = kinetics_sounds
+  c = cfg.get_config()
   c.data.path = str(root)
   c.data.image_size = 32
   c.batch_size, c.eval_batch_size, c.num_epochs = 4, 8, 1

@@ -32,12 +32,15 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.encoder_widths = (64,)
   c.model.fusion = "concat"
   c.model.dtype = "float32"
+  # Method fields left at None take the method's own default (ARL: gamma 4,
+  # warm-up gamma 1, T 4; concat: no unimodal loss; OGM-GE: alpha 0.1). A
+  # field the chosen method does not have is ignored.
   c.method = ml_collections.ConfigDict()
   c.method.name = "arl"
-  c.method.gamma = 4.0
-  c.method.warmup_gamma = 1.0
-  c.method.temperature = 4.0
-  c.method.alpha = 0.1                # OGM-GE only
+  c.method.gamma = ml_collections.config_dict.placeholder(float)
+  c.method.warmup_gamma = ml_collections.config_dict.placeholder(float)
+  c.method.temperature = ml_collections.config_dict.placeholder(float)
+  c.method.alpha = ml_collections.config_dict.placeholder(float)
   c.optim = ml_collections.ConfigDict()
   c.optim.learning_rate = 1e-3
   c.optim.momentum = 0.9
