@@ -49,8 +49,8 @@ def raw_batches(root: pathlib.Path, clips, batch_size: int, seed: int):
       spec = audio.wav_to_spectrogram(root / "AudioWAV" / f"{clip}.wav")
       frames = sorted((root / "Image-01-FPS" / clip).glob("*.jpg"))
       with Image.open(frames[int(rng.integers(len(frames)))]) as img:
-        frame = np.asarray(img.convert("RGB"))
-      frame = av_pipeline.random_resized_crop(frame, 224, rng)
+        frame = av_pipeline.random_resized_crop(np.asarray(img.convert("RGB")),
+                                                224, rng)
       if rng.random() < 0.5:
         frame = frame[:, ::-1]
       rows.append((spec, av_pipeline._normalise(frame[None]), label))

@@ -23,15 +23,35 @@ MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 STD = np.array([0.229, 0.224, 0.225], np.float32)
 
 
-def _resize(frame: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+def _as_image(frame):
+  """A PIL image from a PIL image, JPEG bytes or a uint8 array."""
+  import io
+
   from PIL import Image
-  return np.asarray(Image.fromarray(frame).resize(size[::-1], Image.BILINEAR))
+  if isinstance(frame, Image.Image):
+    return frame
+  if isinstance(frame, np.ndarray):
+    return Image.fromarray(frame)
+  img = Image.open(io.BytesIO(bytes(frame)))
+  return img if img.mode == "RGB" else img.convert("RGB")
 
 
-def random_resized_crop(frame: np.ndarray, size: int, rng: np.random.Generator,
+def _resize(frame, size: tuple[int, int], box=None) -> np.ndarray:
+  """Resizes (the ``box`` region of) a frame to ``size`` = (height, width)."""
+  from PIL import Image
+  img = _as_image(frame)
+  return np.asarray(img.resize(size[::-1], Image.BILINEAR, box=box))
+
+
+def random_resized_crop(frame, size: int, rng: np.random.Generator,
                         scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)) -> np.ndarray:
-  """Crop of random area and aspect ratio, resized to ``size`` x ``size``."""
-  h, w = frame.shape[:2]
+  """Crop of random area and aspect ratio, resized to ``size`` x ``size``.
+
+  ``frame``: a uint8 ``[H, W, 3]`` array or JPEG bytes (cropped and resized
+  in one PIL call, without a round trip through NumPy).
+  """
+  img = _as_image(frame)
+  w, h = img.size
   area = h * w
   for _ in range(10):
     target = area * rng.uniform(*scale)
@@ -41,10 +61,10 @@ def random_resized_crop(frame: np.ndarray, size: int, rng: np.random.Generator,
     if 0 < cw <= w and 0 < ch <= h:
       top = int(rng.integers(0, h - ch + 1))
       left = int(rng.integers(0, w - cw + 1))
-      return _resize(frame[top:top + ch, left:left + cw], (size, size))
+      return _resize(img, (size, size), (left, top, left + cw, top + ch))
   side = min(h, w)                           # fallback: central square
   top, left = (h - side) // 2, (w - side) // 2
-  return _resize(frame[top:top + side, left:left + side], (size, size))
+  return _resize(img, (size, size), (left, top, left + side, top + side))
 
 
 def _normalise(frames: np.ndarray) -> np.ndarray:
@@ -56,17 +76,6 @@ def _frames_of(example) -> list:
   if isinstance(frames, np.ndarray) and frames.ndim == 3:
     return [frames]
   return list(frames)
-
-
-def _decode(frame) -> np.ndarray:
-  """A frame as uint8 [H, W, 3]: decoded already, or JPEG bytes."""
-  if isinstance(frame, np.ndarray) and frame.dtype == np.uint8 and frame.ndim == 3:
-    return frame
-  import io
-
-  from PIL import Image
-  with Image.open(io.BytesIO(bytes(frame))) as img:
-    return np.asarray(img.convert("RGB"))
 
 
 class TrainTransform:
@@ -83,7 +92,7 @@ class TrainTransform:
     idx = np.sort(rng.choice(len(frames), self.num_frames, replace=replace))
     out = []
     for i in idx:
-      f = random_resized_crop(_decode(frames[i]), self.image_size, rng)
+      f = random_resized_crop(frames[i], self.image_size, rng)
       if rng.random() < 0.5:
         f = f[:, ::-1]
       out.append(f)
@@ -104,8 +113,8 @@ class EvalTransform:
   def __call__(self, example):
     frames = _frames_of(example)
     idx = np.linspace(0, len(frames) - 1, self.num_frames).round().astype(int)
-    out = np.stack([_resize(_decode(frames[i]),
-                            (self.image_size, self.image_size)) for i in idx])
+    out = np.stack([_resize(frames[i], (self.image_size, self.image_size))
+                    for i in idx])
     return {"audio": np.asarray(example["audio"], np.float32),
             "visual": _normalise(out) if self.normalize else out,
             "label": np.int32(example["label"])}
