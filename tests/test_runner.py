@@ -126,18 +126,23 @@ def test_short_run_uci(tmp_path):
   _check_run(tmp_path / "uci", 2, ("fourier", "karhunen", "morphological"))
 
 
+def _tiny_av_run(cfg, root, workdir):
+  """One epoch of a config's ResNet18 model on fake local files, 32x32 frames."""
+  c = cfg.get_config()
+  c.data.path = str(root)
+  c.data.image_size = 32
+  c.batch_size, c.eval_batch_size, c.num_epochs = 4, 8, 1
+  c.warmup_epochs, c.progress = 0, "none"
+  train.train_and_evaluate(c, workdir)
+  _check_run(workdir, 1, ("audio", "visual"))
+
+
 def test_short_run_crema_d_from_local_files(tmp_path, monkeypatch):
   monkeypatch.setenv("TMPDIR", str(tmp_path))
   root = fixtures.write_fake_crema_d(tmp_path / "raw", actors=(1001, 1002),
                                      sentences=("DFA",), frames=1, seconds=0.5,
                                      test_fraction=0.35)
-  c = crema_d.get_config()
-  c.data.path = str(root)
-  c.data.image_size = 32
-  c.batch_size, c.eval_batch_size, c.num_epochs = 4, 8, 1
-  c.warmup_epochs, c.progress = 0, "none"
-  train.train_and_evaluate(c, tmp_path / "run")
-  _check_run(tmp_path / "run", 1, ("audio", "visual"))
+  _tiny_av_run(crema_d, root, tmp_path / "run")
 
 
 @pytest.mark.parametrize("source", ["kinetics_sounds", "ave"])
@@ -148,13 +153,7 @@ def test_short_run_kinetics_sounds_and_ave(source, tmp_path, monkeypatch):
   else:
     root = fixtures.write_fake_kinetics_sounds(tmp_path / "raw", seconds=0.5)
     cfg = kinetics_sounds
-  c = cfg.get_config()
-  c.data.path = str(root)
-  c.data.image_size = 32
-  c.batch_size, c.eval_batch_size, c.num_epochs = 4, 8, 1
-  c.warmup_epochs, c.progress = 0, "none"
-  train.train_and_evaluate(c, tmp_path / "run")
-  _check_run(tmp_path / "run", 1, ("audio", "visual"))
+  _tiny_av_run(cfg, root, tmp_path / "run")
 
 
 # ----------------------------------------------------- resume and workdir --
