@@ -14,7 +14,6 @@ modality) are left out of every modality's sums and counted in
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
 from typing import NamedTuple
 
 import jax
@@ -184,7 +183,3 @@ def optimization_dependency(logits: Mapping[str, Array], labels: Array, *,
   stats = modality_statistics(logits, labels, mask)
   return dependency_from_statistics(stats)
 
-
-def sum_statistics(stats: Any, axis_name: Any) -> Any:
-  """Adds batch sums over a named device axis (``lax.psum``)."""
-  return jax.tree.map(lambda x: jax.lax.psum(x, axis_name), stats)
