@@ -103,7 +103,8 @@ def _per_modality_metrics(stats, modulation, scales) -> dict[str, Any]:
 def make_train_step(apply_fn: ApplyFn, tx: optax.GradientTransformation,
                     method: Method, *, warmup_steps: int | Array = 0,
                     skip_nonfinite_updates: bool = True,
-                    axis_name: Any = None
+                    axis_name: Any = None,
+                    batch_transform: Callable | None = None
                     ) -> Callable[[TrainState, Mapping[str, Any]],
                                   tuple[TrainState, dict[str, Any]]]:
   """Builds the training step of a balancing ``method`` (ARL by default use).
@@ -147,6 +148,11 @@ def make_train_step(apply_fn: ApplyFn, tx: optax.GradientTransformation,
       single device and for ``jax.jit`` with sharded inputs, where XLA
       partitions the global-batch computation itself
       (:mod:`arl_jax.parallel`).
+    batch_transform: optional ``(batch, rng) -> batch`` traced into the step
+      before anything else, e.g. ``FrameAugmentation().train`` (crop, flip
+      and resize on the device); its key is ``fold_in(step key, 1)`` (with a
+      device axis, different on every device). The batch it receives may
+      carry extra keys (``frame_hw``) as long as it returns a plain batch.
 
   Returns:
     ``train_step(state, batch) -> (state, metrics)``; ``batch`` is
@@ -158,13 +164,17 @@ def make_train_step(apply_fn: ApplyFn, tx: optax.GradientTransformation,
   """
 
   def train_step(state: TrainState, batch: Mapping[str, Any]):
-    inputs, labels, mask = _unpack_batch(batch)
     if not _has_scale_by_modality(state.opt_state):
       raise ValueError(
           "the optimiser state has no scale_by_modality: build tx as "
           "optax.chain(arl_jax.scale_by_modality(param_labels), ...), "
           "otherwise the method's gradient scales would be silently ignored.")
     rng = jax.random.fold_in(state.rng, state.step)
+    if axis_name is not None:
+      rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
+    if batch_transform is not None:
+      batch = batch_transform(batch, jax.random.fold_in(rng, 1))
+    inputs, labels, mask = _unpack_batch(batch)
     in_warmup = state.step < warmup_steps
     gamma = jnp.where(in_warmup, method.warmup_gamma, method.gamma)
     # Share of the global batch held here (1 without a device axis).
@@ -172,7 +182,6 @@ def make_train_step(apply_fn: ApplyFn, tx: optax.GradientTransformation,
              else jnp.sum(jnp.asarray(mask, jnp.float32)))
     share = jnp.float32(1.0)
     if axis_name is not None:
-      rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
       share = local / jnp.maximum(jax.lax.psum(local, axis_name), 1.0)
 
     def loss_fn(params):
@@ -231,8 +240,12 @@ def make_train_step(apply_fn: ApplyFn, tx: optax.GradientTransformation,
   return train_step
 
 
-def make_eval_step(apply_fn: ApplyFn) -> Callable[..., dict[str, Any]]:
+def make_eval_step(apply_fn: ApplyFn, batch_transform: Callable | None = None
+                   ) -> Callable[..., dict[str, Any]]:
   """Builds ``eval_step(state, batch) -> sums`` for exact dataset metrics.
+
+  ``batch_transform``: optional deterministic ``batch -> batch`` traced in
+  first (e.g. ``FrameAugmentation().eval``).
 
   Returns batch *sums* (``count``, ``correct``, ``loss_sum`` and per-modality
   ``unimodal_correct``) plus per-row ``predictions`` and ``valid``, so that
@@ -241,6 +254,8 @@ def make_eval_step(apply_fn: ApplyFn) -> Callable[..., dict[str, Any]]:
   """
 
   def eval_step(state: TrainState, batch: Mapping[str, Any]):
+    if batch_transform is not None:
+      batch = batch_transform(batch)
     inputs, labels, mask = _unpack_batch(batch)
     outputs, _ = apply_fn(state.params, state.model_state, inputs,
                           train=False, rng=state.rng)

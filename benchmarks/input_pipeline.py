@@ -1,18 +1,28 @@
 """Input pipeline samples/s: prepared (TFDS array_record + grain) vs decoding raw files.
 
-Both read the same fake CREMA-D-shaped files (16 kHz WAV clips of about 2.5 s,
-3 JPEG frames of 480x360 per clip, as the real data set has):
+All pipelines read the same fake CREMA-D-shaped files (16 kHz WAV clips of
+2.5 s, 3 JPEG frames of 480x360 per clip, as the real data set has), written
+twice: ``scene`` frames (smooth, face-like, ~20 KB: compress like real video
+frames) and ``noise`` frames (strong pixel noise, ~100 KB: the worst case for
+JPEG decoding).
 
 * ``raw``: what the reference data loader does for every sample, every epoch:
   read the WAV, resample to 22.05 kHz, fill 3 s, STFT (n_fft 512, hop 353),
-  log; pick a frame, decode the JPEG, random resized crop to 224, flip,
-  normalise; batch.
-* ``prepared``: :func:`arl_jax.data.prepare` once (timed separately), then the
-  grain training pipeline (:func:`arl_jax.data.av_batches`): read the stored
-  spectrogram and the stored (shorter side 256) JPEG, crop, flip, normalise.
+  log; pick a frame, decode the JPEG, random resized crop to 224 (PIL, as
+  torchvision does), flip, normalise to float32; batch.
+* ``prepared, host augmentation``: :func:`arl_jax.data.prepare` once (timed
+  separately), then ``av_batches(..., augment="host")``: read the stored
+  spectrogram and the stored (shorter side 256) JPEG, decode, crop/resize,
+  flip; uint8 frames (normalised by the model on the device).
+* ``prepared, device augmentation``: ``av_batches(..., augment="device")``:
+  read, decode into a uint8 canvas; the crop, flip and resize run in the
+  jitted step (:class:`arl_jax.data.FrameAugmentation`). Its device cost is
+  timed on its own (``--device-batch``, jitted, on whatever backend JAX has
+  here: on a CPU this is not where it is meant to run).
 
-Both run in this one process (no worker processes), epochs of the same size,
-median over epochs. Writes benchmarks/results/input_pipeline.{json,md}.
+All in this one process (no worker processes), the same clips per epoch,
+pipelines interleaved epoch by epoch (round robin), median over epochs.
+Writes benchmarks/results/input_pipeline.{json,md}.
 
   python -m benchmarks.input_pipeline
 """
@@ -32,6 +42,10 @@ import time
 import numpy as np
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
+PIPELINES = ("raw", "host", "device")
+LABELS = {"raw": "decode wav + jpg every sample (reference)",
+          "host": "prepared, host augmentation (`augment=\"host\"`)",
+          "device": "prepared, device augmentation (`augment=\"device\"`), host part"}
 
 
 def raw_batches(root: pathlib.Path, clips, batch_size: int, seed: int):
@@ -49,8 +63,7 @@ def raw_batches(root: pathlib.Path, clips, batch_size: int, seed: int):
       spec = audio.wav_to_spectrogram(root / "AudioWAV" / f"{clip}.wav")
       frames = sorted((root / "Image-01-FPS" / clip).glob("*.jpg"))
       with Image.open(frames[int(rng.integers(len(frames)))]) as img:
-        frame = av_pipeline.random_resized_crop(np.asarray(img.convert("RGB")),
-                                                224, rng)
+        frame = av_pipeline.random_resized_crop(img.convert("RGB"), 224, rng)
       if rng.random() < 0.5:
         frame = frame[:, ::-1]
       rows.append((spec, av_pipeline._normalise(frame[None]), label))
@@ -59,49 +72,95 @@ def raw_batches(root: pathlib.Path, clips, batch_size: int, seed: int):
            "labels": np.array([r[2] for r in rows], np.int32)}
 
 
-def time_epochs(make_iter, epochs):
-  times, n = [], 0
-  for e in range(epochs):
+def device_augment_ms(source, batch_size: int, repeats: int = 10) -> dict:
+  """Median ms of the jitted FrameAugmentation.train on one batch."""
+  import jax
+
+  from arl_jax import data
+  batch = next(data.av_batches(source, batch_size=batch_size, train=True,
+                               augment="device"))
+  aug = jax.jit(data.FrameAugmentation(224).train)
+  key = jax.random.key(0)
+  start = time.perf_counter()
+  jax.block_until_ready(aug(batch, key))
+  compile_s = time.perf_counter() - start
+  times = []
+  for i in range(repeats):
     start = time.perf_counter()
-    n = sum(len(b["labels"]) for b in make_iter(e))
+    jax.block_until_ready(aug(batch, jax.random.fold_in(key, i)))
     times.append(time.perf_counter() - start)
-  return n, times
+  return {"backend": jax.default_backend(), "batch": batch_size,
+          "canvas": list(batch["inputs"]["visual"].shape[2:4]),
+          "ms_per_batch": 1e3 * statistics.median(times),
+          "compile_s": compile_s}
 
 
-def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--actors", type=int, default=8)
-  parser.add_argument("--batch-size", type=int, default=16)
-  parser.add_argument("--epochs", type=int, default=3)
-  args = parser.parse_args(argv)
-
-  tmp = pathlib.Path(tempfile.mkdtemp(prefix="arl_pipeline_"))
-  os.environ["TMPDIR"] = str(tmp)
+def run_style(tmp: pathlib.Path, style: str, args) -> dict:
   from arl_jax import data
   from arl_jax.data import fixtures
   root = fixtures.write_fake_crema_d(
-      tmp / "raw", actors=tuple(range(1001, 1001 + args.actors)),
+      tmp / style / "raw", actors=tuple(range(1001, 1001 + args.actors)),
       sentences=("DFA", "IEO"), seconds=2.5, frames=3, frame_size=(360, 480),
-      test_fraction=0.2)
+      test_fraction=0.2, frame_style=style)
+  jpeg_kb = statistics.median(
+      p.stat().st_size for p in (root / "Image-01-FPS").rglob("*.jpg")) / 1e3
   clips = [tuple(l.split(",")) for l in (root / "train.csv").read_text().split()]
-  labels = data.av_datasets.CREMA_D_CLASSES
-  clips = [(c, labels.index(l)) for c, l in clips]
+  names = data.av_datasets.CREMA_D_CLASSES
+  clips = [(c, names.index(l)) for c, l in clips]
 
   start = time.perf_counter()
-  builder = data.prepare("crema_d", root, tmp / "prepared")
+  builder = data.prepare("crema_d", root, tmp / style / "prepared")
   prepare_s = time.perf_counter() - start
   source = data.load_prepared(builder.data_dir)["train"]
   # The raw loader reads exactly the clips of the prepared training split.
   train_ids = {source[i]["clip_id"].decode() for i in range(len(source))}
   clips = [c for c in clips if c[0] in train_ids]
-  n_raw, t_raw = time_epochs(
-      lambda e: raw_batches(root, clips, args.batch_size, e), args.epochs)
-  n_prep, t_prep = time_epochs(
-      lambda e: data.av_batches(source, batch_size=args.batch_size, train=True,
-                                epoch=e), args.epochs)
-  raw_rate = n_raw / statistics.median(t_raw)
-  prep_rate = n_prep / statistics.median(t_prep)
+  make = {
+      "raw": lambda e: raw_batches(root, clips, args.batch_size, e),
+      "host": lambda e: data.av_batches(source, batch_size=args.batch_size,
+                                        train=True, epoch=e, augment="host"),
+      "device": lambda e: data.av_batches(source, batch_size=args.batch_size,
+                                          train=True, epoch=e,
+                                          augment="device"),
+  }
+  times = {p: [] for p in PIPELINES}
+  count = {}
+  for e in range(args.epochs + 1):          # epoch 0: warm-up, not counted
+    for p in PIPELINES:
+      start = time.perf_counter()
+      n = sum(len(b["labels"]) for b in make[p](e))
+      if e:
+        times[p].append(time.perf_counter() - start)
+        count[p] = n
+  rate = {p: count[p] / statistics.median(times[p]) for p in PIPELINES}
+  stored_kb = statistics.median(
+      len(f) for i in range(len(source)) for f in source[i]["frames"]) / 1e3
+  return {"frame_style": style, "raw_jpeg_kb": jpeg_kb,
+          "stored_jpeg_kb": stored_kb, "clips_per_epoch": count["raw"],
+          "prepare_seconds": prepare_s,
+          "samples_per_s": rate, "epoch_seconds": times,
+          "speedup_host": rate["host"] / rate["raw"],
+          "speedup_device": rate["device"] / rate["raw"],
+          "device_augment": device_augment_ms(source, args.device_batch)}
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--actors", type=int, default=12)
+  parser.add_argument("--batch-size", type=int, default=16)
+  parser.add_argument("--epochs", type=int, default=5)
+  parser.add_argument("--device-batch", type=int, default=16)
+  parser.add_argument("--styles", default="scene,noise")
+  args = parser.parse_args(argv)
+
+  tmp = pathlib.Path(tempfile.mkdtemp(prefix="arl_pipeline_"))
+  os.environ["TMPDIR"] = str(tmp)
+  import absl.logging
+  absl.logging.set_verbosity(absl.logging.ERROR)
+  results = [run_style(tmp, s, args) for s in args.styles.split(",")]
   import grain
+  import jax
+  import PIL
   import tensorflow_datasets as tfds
   report = {
       "command": "python -m benchmarks.input_pipeline " + " ".join(
@@ -109,26 +168,38 @@ def main(argv=None):
       "machine": {"cpu": platform.processor() or platform.machine(),
                   "cores": os.cpu_count(), "python": platform.python_version()},
       "versions": {"tensorflow_datasets": tfds.__version__,
-                   "grain": getattr(grain, "__version__", "?")},
-      "clips_per_epoch": n_prep, "batch_size": args.batch_size,
-      "epochs": args.epochs, "prepare_seconds": prepare_s,
-      "raw_samples_per_s": raw_rate, "prepared_samples_per_s": prep_rate,
-      "speedup": prep_rate / raw_rate, "raw_epoch_s": t_raw,
-      "prepared_epoch_s": t_prep,
+                   "grain": getattr(grain, "__version__", "?"),
+                   "pillow": PIL.__version__, "jax": jax.__version__},
+      "batch_size": args.batch_size, "epochs": args.epochs,
+      "results": results,
   }
   RESULTS.mkdir(parents=True, exist_ok=True)
   (RESULTS / "input_pipeline.json").write_text(json.dumps(report, indent=1))
-  md = (f"# Input pipeline (CREMA-D-shaped fake data)\n\n"
-        f"- command: `{report['command']}`\n"
-        f"- machine: {report['machine']}\n- versions: {report['versions']}\n"
-        f"- {n_prep} training clips per epoch (3 frames of 480x360, 2.5 s "
-        f"of 16 kHz audio each), batch {args.batch_size}, median of "
-        f"{args.epochs} epochs, one process\n\n"
-        "| pipeline | samples/s |\n|---|---|\n"
-        f"| decode wav + jpg every sample (reference) | {raw_rate:,.1f} |\n"
-        f"| prepared TFDS array_record + grain | {prep_rate:,.1f} |\n\n"
-        f"Speed-up: **{report['speedup']:.1f}x**. One-off preparation: "
-        f"{prepare_s:.1f} s.\n")
+  lines = [
+      "# Input pipeline (CREMA-D-shaped fake data)\n",
+      f"- command: `{report['command']}`",
+      f"- machine: {report['machine']}",
+      f"- versions: {report['versions']}",
+      f"- {results[0]['clips_per_epoch']} training clips per epoch (2.5 s of "
+      "16 kHz audio and 3 frames of 480x360 each), batch "
+      f"{args.batch_size}, one process, pipelines interleaved, median of "
+      f"{args.epochs} epochs after a warm-up epoch\n",
+  ]
+  for r in results:
+    lines += [
+        f"## {r['frame_style']} frames (JPEG {r['raw_jpeg_kb']:.0f} KB at "
+        f"480x360, {r['stored_jpeg_kb']:.0f} KB stored at 341x256)\n",
+        "| pipeline | samples/s | vs reference |", "|---|---|---|"]
+    for p in PIPELINES:
+      lines.append(f"| {LABELS[p]} | {r['samples_per_s'][p]:,.0f} | "
+                   f"{r['samples_per_s'][p] / r['samples_per_s']['raw']:.1f}x |")
+    d = r["device_augment"]
+    lines += ["", f"Device augmentation (jitted crop + flip + resize of a "
+              f"batch of {d['batch']} from a {d['canvas'][0]}x"
+              f"{d['canvas'][1]} canvas, backend {d['backend']}): "
+              f"{d['ms_per_batch']:.1f} ms per batch. One-off preparation: "
+              f"{r['prepare_seconds']:.1f} s.\n"]
+  md = "\n".join(lines) + "\n"
   (RESULTS / "input_pipeline.md").write_text(md)
   print(md)
   return report

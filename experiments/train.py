@@ -70,6 +70,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     if not pathlib.Path(config.data.path).is_dir():
       raise ConfigError(f"config.data.path {config.data.path!r} does not "
                         "exist.")
+    if config.data.augment not in ("host", "device"):
+      raise ConfigError("config.data.augment must be 'host' or 'device'; got "
+                        f"{config.data.augment!r}.")
   for name in ("batch_size", "num_epochs", "eval_batch_size"):
     if config[name] < 1:
       raise ConfigError(f"config.{name} must be >= 1; got {config[name]}.")
@@ -107,6 +110,9 @@ class Data:
   evaluate: dict[str, Callable[[], Iterator[dict]]]
   steps_per_epoch: int
   extra: dict
+  # Traced into the jitted steps: (batch, rng) -> batch and batch -> batch.
+  train_transform: Callable | None = None
+  eval_transform: Callable | None = None
 
 
 def load_data(config, workdir: pathlib.Path) -> Data:
@@ -144,7 +150,10 @@ def load_data(config, workdir: pathlib.Path) -> Data:
                                    num_frames=c.num_frames,
                                    image_size=c.image_size))
   av = functools.partial(data_lib.av_batches, num_frames=c.num_frames,
-                         image_size=c.image_size)
+                         image_size=c.image_size, augment=c.augment,
+                         read_threads=c.read_threads)
+  aug = data_lib.FrameAugmentation(image_size=c.image_size)
+  on_device = c.augment == "device"
   return Data(
       modalities=("audio", "visual"),
       num_classes=builder.info.features["label"].num_classes,
@@ -154,7 +163,9 @@ def load_data(config, workdir: pathlib.Path) -> Data:
       evaluate={s: functools.partial(av, src[s], batch_size=config.eval_batch_size,
                                      train=False)
                 for s in ("validation", "test")},
-      steps_per_epoch=len(src["train"]) // config.batch_size, extra={})
+      steps_per_epoch=len(src["train"]) // config.batch_size, extra={},
+      train_transform=aug.train if on_device else None,
+      eval_transform=aug.eval if on_device else None)
 
 
 # ------------------------------------------------------------------- model --
@@ -326,9 +337,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   apply_fn = models.make_apply_fn(model)
   train_step = jax.jit(arl_jax.make_train_step(
       apply_fn, tx, method,
-      warmup_steps=config.warmup_epochs * data.steps_per_epoch),
-      donate_argnums=0)
-  eval_step = jax.jit(arl_jax.make_eval_step(apply_fn))
+      warmup_steps=config.warmup_epochs * data.steps_per_epoch,
+      batch_transform=data.train_transform), donate_argnums=0)
+  eval_step = jax.jit(arl_jax.make_eval_step(
+      apply_fn, batch_transform=data.eval_transform))
 
   manager = ocp.CheckpointManager(
       (workdir / "checkpoints").absolute(),

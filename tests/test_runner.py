@@ -61,6 +61,8 @@ def test_configs_load_and_validate():
     (lambda c: c.method.update(temperature=-1.0), "temperature must be > 0"),
     (lambda c: c.data.update(source="crema_d", path="/no/such/dir"),
      "does not exist"),
+    (lambda c: c.data.update(source="crema_d", path="/", augment="gpu"),
+     "augment must be 'host' or 'device'"),
 ])
 def test_bad_configs_fail_before_training(change, match, tmp_path):
   c = tiny_synthetic()
@@ -126,11 +128,12 @@ def test_short_run_uci(tmp_path):
   _check_run(tmp_path / "uci", 2, ("fourier", "karhunen", "morphological"))
 
 
-def _tiny_av_run(cfg, root, workdir):
+def _tiny_av_run(cfg, root, workdir, augment="device"):
   """One epoch of a config's ResNet18 model on fake local files, 32x32 frames."""
   c = cfg.get_config()
   c.data.path = str(root)
   c.data.image_size = 32
+  c.data.augment = augment
   c.batch_size, c.eval_batch_size, c.num_epochs = 4, 8, 1
   c.warmup_epochs, c.progress = 0, "none"
   train.train_and_evaluate(c, workdir)
@@ -153,7 +156,10 @@ def test_short_run_kinetics_sounds_and_ave(source, tmp_path, monkeypatch):
   else:
     root = fixtures.write_fake_kinetics_sounds(tmp_path / "raw", seconds=0.5)
     cfg = kinetics_sounds
-  _tiny_av_run(cfg, root, tmp_path / "run")
+  # Kinetics-Sounds with the augmentation in the input pipeline, AVE (and
+  # CREMA-D above) with it in the jitted step.
+  _tiny_av_run(cfg, root, tmp_path / "run",
+               augment="host" if source == "kinetics_sounds" else "device")
 
 
 # ----------------------------------------------------- resume and workdir --

@@ -203,3 +203,41 @@ def test_missing_scale_by_modality_and_bad_batches_are_named():
                                "depth": batch["inputs"]["visual"]}}
   with pytest.raises((ValueError, KeyError)):
     step(state, wrong)
+
+
+def test_batch_transform_runs_inside_the_step_with_its_own_keys():
+  """A transform consumes an extra batch key; pmap gives each device a key."""
+  problem, state, _, tx = setup(arl_jax.ARL())
+  x, y = problem.splits["train"]
+  batch = next(iterate_batches(x, y, 16))
+  seen = []
+
+  def transform(b, rng):
+    seen.append(rng)
+    scale = b["gain"]
+    inputs = {m: v * scale[:, None] for m, v in b["inputs"].items()}
+    return {"inputs": inputs, "labels": b["labels"]}
+
+  gain = np.linspace(0.5, 1.5, 16).astype(np.float32)
+  step = arl_jax.make_train_step(user_model_apply, tx, arl_jax.ARL(),
+                                 batch_transform=transform)
+  plain = arl_jax.make_train_step(user_model_apply, tx, arl_jax.ARL())
+  s1, m1 = jax.jit(step)(state, {**batch, "gain": gain})
+  pre = {"inputs": {m: v * gain[:, None] for m, v in batch["inputs"].items()},
+         "labels": batch["labels"]}
+  s2, m2 = jax.jit(plain)(state, pre)
+  jax.tree.map(np.testing.assert_allclose, s1.params, s2.params)
+  np.testing.assert_allclose(m1["loss"], m2["loss"])
+  # Under pmap (2 devices, the extra key sharded with the rest) the result
+  # is that of the whole batch.
+  devices = jax.devices()[:2]
+  pstep = arl_jax.parallel.pmap_train_step(arl_jax.make_train_step(
+      user_model_apply, tx, arl_jax.ARL(), axis_name="batch",
+      batch_transform=transform), "batch", devices=devices)
+  s3, m3 = pstep(arl_jax.parallel.replicate(state, devices),
+                 arl_jax.parallel.shard_batch({**batch, "gain": gain}, 2))
+  s3 = arl_jax.parallel.unreplicate(s3)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5,
+                                                       atol=1e-6),
+               s3.params, s2.params)
+  assert len(seen) == 2                # traced once per step function

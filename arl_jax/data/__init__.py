@@ -5,14 +5,17 @@
 * :func:`load_uci_multifeature`: the UCI Multiple Features digits, six views.
 * :func:`prepare` / :func:`load_prepared` / :func:`av_batches`: TFDS builders
   for CREMA-D, Kinetics-Sounds and AVE from local files, and their grain
-  pipeline (``tensorflow-datasets``, ``grain``: the ``data`` extra).
+  pipeline (``tensorflow-datasets``, ``grain``: the ``data`` extra);
+  :class:`FrameAugmentation`: their crop/flip/resize on the accelerator.
 """
 
 from arl_jax.data.av_datasets import DataError
+from arl_jax.data.av_datasets import frame_canvas
 from arl_jax.data.av_datasets import load_prepared
 from arl_jax.data.av_datasets import prepare
 from arl_jax.data.av_pipeline import batches as av_batches
 from arl_jax.data.batching import iterate_batches
+from arl_jax.data.device_augment import FrameAugmentation
 from arl_jax.data.synthetic import SyntheticProblem
 from arl_jax.data.synthetic import make_linear_gaussian
 from arl_jax.data.uci_multifeature import MultiViewData
@@ -20,9 +23,11 @@ from arl_jax.data.uci_multifeature import load_uci_multifeature
 
 __all__ = [
     "DataError",
+    "FrameAugmentation",
     "MultiViewData",
     "SyntheticProblem",
     "av_batches",
+    "frame_canvas",
     "iterate_batches",
     "load_prepared",
     "load_uci_multifeature",

@@ -27,6 +27,11 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.split_seed = 0
   c.data.num_frames = 1
   c.data.image_size = 224
+  # Audio-visual frames: "device" = the host decodes, the jitted step crops,
+  # flips and resizes (FrameAugmentation; the fast path on GPU/TPU);
+  # "host" = all of it in the input pipeline, as the reference does.
+  c.data.augment = "device"
+  c.data.read_threads = 0            # grain prefetch threads (0: inline)
   c.data.actor_disjoint = False
   c.model = ml_collections.ConfigDict()
   c.model.encoder_widths = (64,)
