@@ -7,18 +7,22 @@ frames) and ``noise`` frames (strong pixel noise, ~100 KB: the worst case for
 JPEG decoding).
 
 * ``raw``: what the reference data loader does for every sample, every epoch:
-  read the WAV, resample to 22.05 kHz, fill 3 s, STFT (n_fft 512, hop 353),
-  log; pick a frame, decode the JPEG, random resized crop to 224 (PIL, as
-  torchvision does), flip, normalise to float32; batch.
+  read the WAV, resample to 22.05 kHz (scipy's polyphase filter, the function
+  ``prepare`` uses; librosa's default soxr "HQ" resampler would take ~1.5 ms
+  less per clip here, its older resampy default several ms more), fill 3 s,
+  STFT (n_fft 512, hop 353), log; pick a frame, decode the JPEG (PIL), random
+  resized crop to 224 (PIL, as torchvision does), flip, normalise to float32;
+  batch.
 * ``prepared, host augmentation``: :func:`arl_jax.data.prepare` once (timed
   separately), then ``av_batches(..., augment="host")``: read the stored
   spectrogram and the stored (shorter side 256) JPEG, decode, crop/resize,
   flip; uint8 frames (normalised by the model on the device).
 * ``prepared, device augmentation``: ``av_batches(..., augment="device")``:
-  read, decode into a uint8 canvas; the crop, flip and resize run in the
-  jitted step (:class:`arl_jax.data.FrameAugmentation`). Its device cost is
-  timed on its own (``--device-batch``, jitted, on whatever backend JAX has
-  here: on a CPU this is not where it is meant to run).
+  read, decode into the batch's uint8 canvas; the crop, flip and resize run
+  in the jitted step (:class:`arl_jax.data.FrameAugmentation`), so they are
+  not in this figure. Their device cost is timed on its own
+  (``--device-batch``, jitted, on whatever backend JAX has here: on a CPU
+  this is not where it is meant to run).
 
 All in this one process (no worker processes), the same clips per epoch,
 pipelines interleaved epoch by epoch (round robin), median over epochs.
@@ -109,7 +113,8 @@ def run_style(tmp: pathlib.Path, style: str, args) -> dict:
   clips = [(c, names.index(l)) for c, l in clips]
 
   start = time.perf_counter()
-  builder = data.prepare("crema_d", root, tmp / style / "prepared")
+  builder = data.prepare("crema_d", root, tmp / style / "prepared",
+                         frame_size=args.frame_size)
   prepare_s = time.perf_counter() - start
   source = data.load_prepared(builder.data_dir)["train"]
   # The raw loader reads exactly the clips of the prepared training split.
@@ -151,6 +156,8 @@ def main(argv=None):
   parser.add_argument("--epochs", type=int, default=5)
   parser.add_argument("--device-batch", type=int, default=16)
   parser.add_argument("--styles", default="scene,noise")
+  parser.add_argument("--frame-size", type=int, default=256,
+                      help="shorter side of the stored frames")
   args = parser.parse_args(argv)
 
   tmp = pathlib.Path(tempfile.mkdtemp(prefix="arl_pipeline_"))

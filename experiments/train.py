@@ -151,7 +151,8 @@ def load_data(config, workdir: pathlib.Path) -> Data:
                                    image_size=c.image_size))
   av = functools.partial(data_lib.av_batches, num_frames=c.num_frames,
                          image_size=c.image_size, augment=c.augment,
-                         read_threads=c.read_threads)
+                         read_threads=c.read_threads,
+                         num_workers=c.num_workers)
   aug = data_lib.FrameAugmentation(image_size=c.image_size)
   on_device = c.augment == "device"
   return Data(

@@ -245,6 +245,16 @@ def test_device_pipeline_decodes_into_the_canvas(crema):
   np.testing.assert_array_equal(t2["inputs"]["visual"][:, :, :48, :64],
                                 t1["inputs"]["visual"])
   assert not t2["inputs"]["visual"][:, :, 48:].any()
+  # Worker processes and prefetch threads give the same batches.
+  inline = list(av_pipeline.batches(src["train"], batch_size=4, train=True,
+                                    augment="device", seed=2))
+  for kwargs in ({"num_workers": 1}, {"read_threads": 2}):
+    other = list(av_pipeline.batches(src["train"], batch_size=4, train=True,
+                                     augment="device", seed=2, **kwargs))
+    assert len(other) == len(inline)
+    for x, y in zip(inline, other):
+      np.testing.assert_array_equal(x["inputs"]["visual"], y["inputs"]["visual"])
+      np.testing.assert_array_equal(x["labels"], y["labels"])
   with pytest.raises(ValueError, match="does not fit the canvas"):
     next(av_pipeline.batches(test, batch_size=2, train=False, augment="device",
                              canvas=(40, 64)))

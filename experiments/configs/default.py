@@ -32,6 +32,7 @@ def get_config() -> ml_collections.ConfigDict:
   # "host" = all of it in the input pipeline, as the reference does.
   c.data.augment = "device"
   c.data.read_threads = 0            # grain prefetch threads (0: inline)
+  c.data.num_workers = 0             # grain worker processes (0: none)
   c.data.actor_disjoint = False
   c.model = ml_collections.ConfigDict()
   c.model.encoder_widths = (64,)
