@@ -70,9 +70,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     if not pathlib.Path(config.data.path).is_dir():
       raise ConfigError(f"config.data.path {config.data.path!r} does not "
                         "exist.")
-    if config.data.augment not in ("host", "device"):
-      raise ConfigError("config.data.augment must be 'host' or 'device'; got "
-                        f"{config.data.augment!r}.")
+    if config.data.augment not in ("host", "device", "auto"):
+      raise ConfigError("config.data.augment must be 'host', 'device' or "
+                        f"'auto'; got {config.data.augment!r}.")
   for name in ("batch_size", "num_epochs", "eval_batch_size"):
     if config[name] < 1:
       raise ConfigError(f"config.{name} must be >= 1; got {config[name]}.")
@@ -149,12 +149,15 @@ def load_data(config, workdir: pathlib.Path) -> Data:
   first = next(data_lib.av_batches(src["validation"], batch_size=2, train=False,
                                    num_frames=c.num_frames,
                                    image_size=c.image_size))
+  augment = c.augment
+  if augment == "auto":   # the crop/resize matmuls pay off on accelerators
+    augment = "host" if jax.default_backend() == "cpu" else "device"
   av = functools.partial(data_lib.av_batches, num_frames=c.num_frames,
-                         image_size=c.image_size, augment=c.augment,
+                         image_size=c.image_size, augment=augment,
                          read_threads=c.read_threads,
                          num_workers=c.num_workers)
   aug = data_lib.FrameAugmentation(image_size=c.image_size)
-  on_device = c.augment == "device"
+  on_device = augment == "device"
   return Data(
       modalities=("audio", "visual"),
       num_classes=builder.info.features["label"].num_classes,
@@ -164,7 +167,8 @@ def load_data(config, workdir: pathlib.Path) -> Data:
       evaluate={s: functools.partial(av, src[s], batch_size=config.eval_batch_size,
                                      train=False)
                 for s in ("validation", "test")},
-      steps_per_epoch=len(src["train"]) // config.batch_size, extra={},
+      steps_per_epoch=len(src["train"]) // config.batch_size,
+      extra={"augment": augment},
       train_transform=aug.train if on_device else None,
       eval_transform=aug.eval if on_device else None)
 

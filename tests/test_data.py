@@ -217,6 +217,18 @@ def test_records_are_stored_uncompressed_and_frames_measured(crema, tmp_path):
   assert data.frame_canvas(src["train"]) == (48, 64)
 
 
+def test_decoding_without_simplejpeg_gives_the_same_batches(crema, monkeypatch):
+  _, _, src = crema
+  kwargs = dict(batch_size=4, train=True, seed=5)
+  fast = [list(av_pipeline.batches(src["train"], augment=a, **kwargs))
+          for a in ("device", "host")]
+  monkeypatch.setattr(av_pipeline, "_simplejpeg", None)   # PIL only
+  for a, batches in zip(("device", "host"), fast):
+    slow = list(av_pipeline.batches(src["train"], augment=a, **kwargs))
+    for x, y in zip(batches, slow):
+      np.testing.assert_array_equal(x["inputs"]["visual"], y["inputs"]["visual"])
+
+
 def test_device_pipeline_decodes_into_the_canvas(crema):
   import jax
   _, _, src = crema

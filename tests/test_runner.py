@@ -62,7 +62,7 @@ def test_configs_load_and_validate():
     (lambda c: c.data.update(source="crema_d", path="/no/such/dir"),
      "does not exist"),
     (lambda c: c.data.update(source="crema_d", path="/", augment="gpu"),
-     "augment must be 'host' or 'device'"),
+     "augment must be 'host', 'device' or 'auto'"),
 ])
 def test_bad_configs_fail_before_training(change, match, tmp_path):
   c = tiny_synthetic()

@@ -36,23 +36,34 @@ MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 STD = np.array([0.229, 0.224, 0.225], np.float32)
 
 
-def _as_image(frame):
-  """A PIL image from a PIL image, JPEG bytes or a uint8 array."""
+def _decode_rgb(frame) -> np.ndarray:
+  """uint8 ``[H, W, 3]`` of a uint8 array, PIL image or encoded image bytes.
+
+  With ``simplejpeg`` installed (the ``data`` extra) JPEG bytes are decoded
+  straight into a NumPy array, 1.5-2x faster than PIL's decode-then-copy
+  (the same libjpeg-turbo, the same pixels); other bytes go through PIL.
+  """
   import io
 
   from PIL import Image
+  if isinstance(frame, np.ndarray):
+    return frame
+  if not isinstance(frame, Image.Image):
+    if _simplejpeg is not None:
+      try:
+        return _simplejpeg.decode_jpeg(bytes(frame), colorspace="RGB")
+      except ValueError:   # not a JPEG (e.g. PNG): PIL below
+        pass
+    frame = Image.open(io.BytesIO(bytes(frame)))
+  return np.asarray(frame if frame.mode == "RGB" else frame.convert("RGB"))
+
+
+def _as_image(frame):
+  """A PIL image from a PIL image, encoded image bytes or a uint8 array."""
+  from PIL import Image
   if isinstance(frame, Image.Image):
     return frame
-  if isinstance(frame, np.ndarray):
-    return Image.fromarray(frame)
-  if _simplejpeg is not None:
-    try:
-      return Image.fromarray(_simplejpeg.decode_jpeg(bytes(frame),
-                                                     colorspace="RGB"))
-    except ValueError:   # not a JPEG: PIL below
-      pass
-  img = Image.open(io.BytesIO(bytes(frame)))
-  return img if img.mode == "RGB" else img.convert("RGB")
+  return Image.fromarray(_decode_rgb(frame))
 
 
 def _resize(frame, size: tuple[int, int], box=None) -> np.ndarray:
@@ -107,8 +118,7 @@ class TrainTransform:
 
   def __call__(self, example, rng: np.random.Generator):
     frames = _frames_of(example)
-    replace = len(frames) < self.num_frames
-    idx = np.sort(rng.choice(len(frames), self.num_frames, replace=replace))
+    idx = _frame_indices(len(frames), self.num_frames, rng)
     out = []
     for i in idx:
       f = random_resized_crop(frames[i], self.image_size, rng)
@@ -131,28 +141,12 @@ class EvalTransform:
 
   def __call__(self, example):
     frames = _frames_of(example)
-    idx = np.linspace(0, len(frames) - 1, self.num_frames).round().astype(int)
+    idx = _frame_indices(len(frames), self.num_frames, None)
     out = np.stack([_resize(frames[i], (self.image_size, self.image_size))
                     for i in idx])
     return {"audio": np.asarray(example["audio"], np.float32),
             "visual": _normalise(out) if self.normalize else out,
             "label": np.int32(example["label"])}
-
-
-def _decode_rgb(frame) -> np.ndarray:
-  """uint8 ``[H, W, 3]`` of a frame; JPEG bytes go through libjpeg-turbo.
-
-  With ``simplejpeg`` installed (the ``data`` extra) JPEG bytes are decoded
-  straight into a NumPy array, 1.5-2x faster than PIL's decode-then-copy
-  (the same libjpeg-turbo, the same pixels); otherwise PIL.
-  """
-  if isinstance(frame, (bytes, np.bytes_)) and _simplejpeg is not None:
-    try:
-      return _simplejpeg.decode_jpeg(bytes(frame), colorspace="RGB")
-    except ValueError:   # not a JPEG (PNG frames): PIL below
-      pass
-  img = _as_image(frame)
-  return np.asarray(img if img.mode == "RGB" else img.convert("RGB"))
 
 
 def _frame_indices(count: int, num_frames: int,
@@ -184,19 +178,15 @@ class FrameChoice:
 
 def _decode_into(out: np.ndarray, frame, clip) -> tuple[int, int]:
   """Decodes ``frame`` into the top-left corner of ``out`` [H_c, W_c, 3]."""
-  pixels = None
   if _simplejpeg is not None and isinstance(frame, (bytes, np.bytes_)):
     try:
       h, w = _simplejpeg.decode_jpeg_header(bytes(frame))[:2]
       if (h, w) == out.shape[:2]:          # fills the canvas: no copy
         _simplejpeg.decode_jpeg(bytes(frame), colorspace="RGB", buffer=out)
         return h, w
-      if h <= out.shape[0] and w <= out.shape[1]:
-        pixels = _simplejpeg.decode_jpeg(bytes(frame), colorspace="RGB")
-    except ValueError:   # not a JPEG: PIL below
+    except ValueError:   # not a JPEG: decoded below
       pass
-  if pixels is None:
-    pixels = _decode_rgb(frame) if not isinstance(frame, np.ndarray) else frame
+  pixels = _decode_rgb(frame)
   h, w = pixels.shape[:2]
   if h > out.shape[0] or w > out.shape[1]:
     raise ValueError(
