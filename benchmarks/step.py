@@ -140,8 +140,14 @@ def _optimizer():
           optax.sgd(1e-3, momentum=0.9)]
 
 
-def jax_steps(kind, batch, dtype):
-  """Returns {"arl_jax": (step, state, batch), "jax_plain": ...}."""
+def jax_steps(kind, batch, dtype, device_augment=False):
+  """Returns {"arl_jax": (step, state, batch), "jax_plain": ...}.
+
+  ``device_augment`` (ResNet only) adds ``arl_jax_devaug``: the same ARL step
+  fed what ``av_batches(..., augment="device")`` yields (uint8 frames in a
+  256x341 canvas plus their sizes), cropping, flipping and resizing them in
+  the step with :class:`arl_jax.data.FrameAugmentation`.
+  """
   x, y, classes = _jax_inputs(kind, batch)
   model = _jax_model(kind, classes, dtype)
   names = tuple(x)
@@ -180,8 +186,21 @@ def jax_steps(kind, batch, dtype):
                              "loss": loss}
 
   data = {"inputs": x, "labels": y}
-  return {"arl_jax": (arl_step, arl_state, data),
-          "jax_plain": (plain_step, plain_state, data)}
+  steps = {"arl_jax": (arl_step, arl_state, data),
+           "jax_plain": (plain_step, plain_state, data)}
+  if device_augment and kind == "resnet":
+    from arl_jax.data import FrameAugmentation
+    rng = np.random.default_rng(1)
+    canvas = rng.integers(0, 256, (batch, 1, 256, 341, 3), dtype=np.uint8)
+    raw = {"inputs": {"audio": x["audio"], "visual": jnp.asarray(canvas)},
+           "labels": y, "frame_hw": jnp.tile(jnp.array([256, 341], jnp.int32),
+                                             (batch, 1, 1))}
+    aug_step = arl_jax.make_train_step(
+        apply_fn, arl_tx, arl_jax.ARL(temperature=8.0, gamma=4.0),
+        batch_transform=FrameAugmentation(image_size=224).train)
+    aug_state = jax.tree.map(jnp.copy, arl_state)   # each step donates its own
+    steps["arl_jax_devaug"] = (aug_step, aug_state, raw)
+  return steps
 
 
 def prepare_jax(step, state, batch):
@@ -289,6 +308,10 @@ def main(argv=None):
                            "300 MLP)")
   parser.add_argument("--warmup", type=int, default=None)
   parser.add_argument("--skip-torch", action="store_true")
+  parser.add_argument("--device-augment", default=None,
+                      action=argparse.BooleanOptionalAction,
+                      help="also time the ARL step with the crop/flip/resize "
+                           "on the device (default: on for the gpu preset)")
   parser.add_argument("--out", default=None, help="results file stem")
   args = parser.parse_args(argv)
 
@@ -308,7 +331,10 @@ def main(argv=None):
              "warmup": warmup}
       print(f"[{kind} b{batch} {dtype}] compiling ...", flush=True)
       impls, compile_s, device_peak = {}, {}, {}
-      for name, (step, state, data) in jax_steps(kind, batch, jdtype).items():
+      device_augment = (args.device_augment if args.device_augment is not None
+                        else args.preset == "gpu")
+      for name, (step, state, data) in jax_steps(
+          kind, batch, jdtype, device_augment).items():
         compile_s[name], impls[name] = prepare_jax(step, state, data)
         del state
       if not args.skip_torch:
@@ -333,6 +359,9 @@ def main(argv=None):
       res = row["results"]
       row["arl_overhead"] = res["arl_jax"]["median_s"] / res["jax_plain"][
           "median_s"] - 1.0
+      if "arl_jax_devaug" in res:
+        row["device_augment_overhead"] = res["arl_jax_devaug"]["median_s"] / (
+            res["arl_jax"]["median_s"]) - 1.0
       if "torch_ref" in res:
         row["speedup_vs_torch"] = (res["arl_jax"]["samples_per_s"] /
                                    res["torch_ref"]["samples_per_s"])
@@ -362,6 +391,9 @@ def _row_line(row):
   res = row["results"]
   parts = [f"{k} {v['samples_per_s']:.1f}/s" for k, v in res.items()]
   extra = f"ARL overhead {100 * row['arl_overhead']:+.1f}%"
+  if "device_augment_overhead" in row:
+    extra += (f", device augmentation "
+              f"{100 * row['device_augment_overhead']:+.1f}%")
   if "speedup_vs_torch" in row:
     extra += f", arl_jax/torch {row['speedup_vs_torch']:.2f}x"
   return f"  {row['model']} b{row['batch']} {row['dtype']}: " + ", ".join(
@@ -394,12 +426,15 @@ def markdown(report):
           f"{compile_s} | {_mb(r['peak_rss_bytes'])} | "
           f"{_mb(r['peak_device_bytes'])} |")
   lines += ["", "| model | batch | dtype | ARL overhead vs plain jitted step "
-            "| arl_jax / torch_ref |", "|---|---|---|---|---|"]
+            "| arl_jax / torch_ref | device crop/flip/resize vs ARL step |",
+            "|---|---|---|---|---|---|"]
   for row in report["rows"]:
     speed = row.get("speedup_vs_torch")
+    aug = row.get("device_augment_overhead")
     lines.append(f"| {row['model']} | {row['batch']} | {row['dtype']} | "
                  f"{100 * row['arl_overhead']:+.1f}% | "
-                 f"{'-' if speed is None else f'{speed:.2f}x'} |")
+                 f"{'-' if speed is None else f'{speed:.2f}x'} | "
+                 f"{'-' if aug is None else f'{100 * aug:+.1f}%'} |")
   lines.append("")
   lines.append("Peak RSS is the process's resident set while that "
                "implementation ran (the process also holds what earlier "
