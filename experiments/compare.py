@@ -59,7 +59,7 @@ def settings():
 
 def run_all(seeds, workroot: pathlib.Path, only=None):
   from experiments import train
-  results = {}
+  results, reused = {}, []
   for name, base in settings().items():
     if only and name not in only:
       continue
@@ -76,15 +76,17 @@ def run_all(seeds, workroot: pathlib.Path, only=None):
         workdir = workroot / name / method / f"seed{seed}"
         done = workdir / "results.json"
         start = time.perf_counter()
-        if done.exists():
+        if done.exists():        # a finished run: read back, not retrained
           report = json.loads(done.read_text())
+          reused.append(str(workdir))
+          took = "read back"
         else:
           report = train.train_and_evaluate(c, workdir)
+          took = f"{time.perf_counter() - start:.1f} s"
         results.setdefault(name, {}).setdefault(method, []).append(report)
         print(f"{name:38s} {method:24s} seed {seed}: test acc "
-              f"{report['test_accuracy_at_best_val']:.4f} "
-              f"({time.perf_counter() - start:.1f} s)", flush=True)
-  return results
+              f"{report['test_accuracy_at_best_val']:.4f} ({took})", flush=True)
+  return results, reused
 
 
 def _ms(values, fmt="{:.2f}"):
@@ -181,7 +183,13 @@ def main(argv=None):
   from absl import logging
   logging.set_verbosity(logging.WARNING)
   start = time.perf_counter()
-  results = run_all(range(args.seeds), workroot, args.only)
+  results, reused = run_all(range(args.seeds), workroot, args.only)
+  runs = sum(len(v) for by_method in results.values() for v in by_method.values())
+  shown = (os.path.relpath(workroot) if workroot.is_absolute()
+           else str(workroot))
+  reuse_note = (f" ({len(reused)} of {runs} runs read back from finished "
+                f"runs in {shown}; delete it to train them again)"
+                if reused else "")
   out = pathlib.Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
   elapsed = time.perf_counter() - start
@@ -190,7 +198,8 @@ def main(argv=None):
         "(README command 1: `make run`)\n"
         f"- machine: {platform.machine()}, {os.cpu_count()} cores, Python "
         f"{platform.python_version()}, jax {jax.__version__}, backend "
-        f"{jax.default_backend()}; {elapsed / 60:.1f} min in all\n"
+        f"{jax.default_backend()}; {elapsed / 60:.1f} min in all"
+        f"{reuse_note}\n"
         f"- {args.seeds} seeds per cell (mean ± std); model selection on the "
         "validation split only; 'last' is the final epoch. Dependency ratio "
         "s_m / s_ref and inverse-variance ratio q_m / q_ref (ref: the last "
