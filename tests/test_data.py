@@ -215,6 +215,11 @@ def test_records_are_stored_uncompressed_and_frames_measured(crema, tmp_path):
   assert ar.ArrayRecordReader(str(shard)).num_records() == len(src["train"])
   # The largest stored frame is recorded: the fake frames are 48 x 64.
   assert data.frame_canvas(src["train"]) == (48, 64)
+  # A data set prepared before it was recorded: the error says what to do.
+  old = shutil.copytree(path, tmp_path / "old")
+  (old / "metadata.json").unlink()
+  with pytest.raises(data.DataError, match="prepare it again"):
+    data.frame_canvas(data.load_prepared(old)["train"])
 
 
 def test_decoding_without_simplejpeg_gives_the_same_batches(crema, monkeypatch):
