@@ -22,11 +22,13 @@ torchvision transforms do per sample on the host:
 
   normalised over ``j`` (pixels outside the frame drop out). The weights form
   dense ``[n, H_c]`` and ``[n, W_c]`` matrices, so a frame costs two matmuls
-  (0.19 GFLOP at 256x341 -> 224x224, about 1% of the ResNet18 step's 21
-  GFLOP per sample): cheap on a GPU or TPU, and not fast on a CPU.
-  ``precision`` is HIGHEST by default (exact float32 sums); ``"default"``
-  lets a GPU use TF32, several times cheaper, at the cost of an occasional
-  one-level difference in the uint8 output.
+  (0.19 GFLOP at 256x341 -> 224x224, 0.9% of the ResNet18 step's 21 GFLOP
+  per sample): cheap on a GPU or TPU, and not fast on a CPU.
+  ``precision`` is ``"highest"`` by default (exact float32 sums; a GPU then
+  runs these matmuls without tensor cores, a few per cent of a bf16 step by
+  estimate); ``"default"`` lets a GPU use TF32 and a TPU bf16 passes, several
+  times cheaper, for output that can differ by a grey level or so. The GPU
+  preset of ``benchmarks.step`` measures it.
 
 Evaluation resizes the whole frame to ``n x n`` with the same filter, as the
 host :class:`arl_jax.data.av_pipeline.EvalTransform` does.
