@@ -154,11 +154,9 @@ def plot(results, out: pathlib.Path, workroot: pathlib.Path):
     ax.set_xticklabels(list(by), rotation=60, ha="right", fontsize=7)
     ax.set_title(name, fontsize=8)
     ax.set_ylabel("test accuracy % (best val epoch)")
-  fig.tight_layout()
-  fig.savefig(out / "compare_accuracy.png", dpi=110)
-  plt.close(fig)
-  # Fig. 3 view and coefficients of ARL, seed 0, each setting.
   from experiments import plots
+  plots._save(fig, out / "compare_accuracy.png")
+  # Fig. 3 view and coefficients of ARL, seed 0, each setting.
   for name in names:
     wd = workroot / name / "arl" / "seed0"
     path = wd / "metrics.jsonl"

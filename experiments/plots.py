@@ -10,6 +10,13 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
+def _save(fig, path: pathlib.Path) -> pathlib.Path:
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return path
+
+
 def plot_run(history: list[dict], workdir, title: str = "") -> list[pathlib.Path]:
   """Training curves, coefficients, and the paper's Fig. 3 view."""
   workdir = pathlib.Path(workdir)
@@ -30,10 +37,7 @@ def plot_run(history: list[dict], workdir, title: str = "") -> list[pathlib.Path
   ax2.set_ylabel("accuracy")
   ax2.legend(fontsize=7)
   fig.suptitle(title)
-  fig.tight_layout()
-  out.append(workdir / "training_curves.png")
-  fig.savefig(out[-1], dpi=110)
-  plt.close(fig)
+  out.append(_save(fig, workdir / "training_curves.png"))
 
   fig, ax = plt.subplots(figsize=(5.5, 3.6))
   for m in history[0]["a"]:
@@ -45,10 +49,7 @@ def plot_run(history: list[dict], workdir, title: str = "") -> list[pathlib.Path
   ax.set_ylabel("coefficient (epoch mean)")
   ax.legend(fontsize=7)
   ax.set_title(title, fontsize=9)
-  fig.tight_layout()
-  out.append(workdir / "coefficients.png")
-  fig.savefig(out[-1], dpi=110)
-  plt.close(fig)
+  out.append(_save(fig, workdir / "coefficients.png"))
 
   fig, ax = plt.subplots(figsize=(5.5, 3.6))
   for m in history[0]["dependency_ratio"]:
@@ -61,8 +62,5 @@ def plot_run(history: list[dict], workdir, title: str = "") -> list[pathlib.Path
   ax.set_ylabel("ratio")
   ax.legend(fontsize=7)
   ax.set_title("Fig. 3 view: " + title, fontsize=9)
-  fig.tight_layout()
-  out.append(workdir / "fig3_ratios.png")
-  fig.savefig(out[-1], dpi=110)
-  plt.close(fig)
+  out.append(_save(fig, workdir / "fig3_ratios.png"))
   return out

@@ -435,8 +435,8 @@ def store_uncompressed(path: str | os.PathLike) -> None:
 def frame_canvas(source) -> tuple[int, int]:
   """(height, width) of the largest stored frame of a prepared source."""
   info = getattr(source, "dataset_info", None)
-  hw = None if info is None else info.metadata.get("frame_hw_max") if (
-      info.metadata is not None) else None
+  metadata = getattr(info, "metadata", None) or {}
+  hw = metadata.get("frame_hw_max")
   if not hw:
     raise DataError(
         "this prepared data set does not record its largest frame "

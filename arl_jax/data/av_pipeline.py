@@ -223,11 +223,10 @@ def _collate(examples: Sequence[dict], batch_size: int) -> dict:
   mask[:n] = True
   pad = [examples[0]] * (batch_size - n)
   rows = list(examples) + pad
-  batch = {"inputs": {"audio": np.stack([r["audio"] for r in rows]),
-                      "visual": np.stack([r["visual"] for r in rows])},
-           "labels": np.array([r["label"] for r in rows], np.int32),
-           "mask": mask}
-  return batch
+  return {"inputs": {"audio": np.stack([r["audio"] for r in rows]),
+                     "visual": np.stack([r["visual"] for r in rows])},
+          "labels": np.array([r["label"] for r in rows], np.int32),
+          "mask": mask}
 
 
 class _BatchLoader:

@@ -153,8 +153,7 @@ class FrameAugmentation:
   flip: bool = True
   precision: str = "highest"
 
-  def _apply(self, batch, boxes, flips):
-    frames, hw = _check(batch, self.modality, self.size_key)
+  def _apply(self, batch, frames, hw, boxes, flips):
     resize = jax.vmap(jax.vmap(
         lambda f, s, b, fl: resize_box(f, s, b, self.image_size, fl,
                                        precision=self.precision)))
@@ -169,11 +168,12 @@ class FrameAugmentation:
     boxes = crop_boxes(k_box, hw, scale=self.scale, ratio=self.ratio)
     flips = (jax.random.bernoulli(k_flip, 0.5, frames.shape[:2]) if self.flip
              else jnp.zeros(frames.shape[:2], bool))
-    return self._apply(batch, boxes, flips)
+    return self._apply(batch, frames, hw, boxes, flips)
 
   def eval(self, batch: Mapping[str, Any]) -> dict:
     """The whole frame resized to ``image_size`` x ``image_size``."""
     frames, hw = _check(batch, self.modality, self.size_key)
-    hw = jnp.asarray(hw, jnp.float32)
-    boxes = jnp.concatenate([jnp.zeros_like(hw), hw], axis=-1)
-    return self._apply(batch, boxes, jnp.zeros(frames.shape[:2], bool))
+    size = jnp.asarray(hw, jnp.float32)
+    boxes = jnp.concatenate([jnp.zeros_like(size), size], axis=-1)
+    return self._apply(batch, frames, hw, boxes,
+                       jnp.zeros(frames.shape[:2], bool))
