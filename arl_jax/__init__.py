@@ -6,6 +6,7 @@ step that composes them. Every per-modality value is a mapping keyed by
 modality name; any number of modalities K >= 2.
 """
 
+from arl_jax import optimizer_checks
 from arl_jax import parallel
 from arl_jax.coefficients import arl_coefficients
 from arl_jax.coefficients import arl_coefficients_from_statistics
@@ -13,6 +14,7 @@ from arl_jax.coefficients import ogm_ge_coefficients
 from arl_jax.coefficients import ogm_ge_coefficients_from_statistics
 from arl_jax.coefficients import released_arl_coefficients
 from arl_jax.coefficients import released_arl_coefficients_from_statistics
+from arl_jax.labels import label_modalities
 from arl_jax.losses import arl_loss
 from arl_jax.losses import cross_entropy
 from arl_jax.methods import ARL
@@ -38,6 +40,7 @@ from arl_jax.train_step import make_eval_step
 from arl_jax.train_step import make_train_step
 from arl_jax.transforms import ScaleByModalityState
 from arl_jax.transforms import scale_by_modality
+from arl_jax.transforms import with_modality_scales
 from arl_jax.unimodal import fused_and_unimodal_logits
 from arl_jax.unimodal import zero_other_modalities
 
@@ -62,6 +65,7 @@ __all__ = [
     "cross_entropy",
     "entropy",
     "fused_and_unimodal_logits",
+    "label_modalities",
     "make_eval_step",
     "make_method",
     "make_train_step",
@@ -70,6 +74,7 @@ __all__ = [
     "ogm_ge_coefficients",
     "ogm_ge_coefficients_from_statistics",
     "optimization_dependency",
+    "optimizer_checks",
     "parallel",
     "prediction_statistics",
     "register_method",
@@ -77,5 +82,6 @@ __all__ = [
     "released_arl_coefficients_from_statistics",
     "scale_by_modality",
     "unimodal_inverse_variance",
+    "with_modality_scales",
     "zero_other_modalities",
 ]

@@ -16,18 +16,23 @@ import numpy as np
 
 
 def modality_names(values: Any, what: str = "logits") -> tuple[str, ...]:
-  """Returns the modality names of a per-modality mapping, in mapping order."""
+  """Returns the modality names of a per-modality mapping, sorted.
+
+  Sorted, not insertion order: JAX flattens dicts in sorted key order, so a
+  mapping that went through ``jit`` or a pytree comes back sorted. Rules that
+  are not symmetric in the modalities (Eq. 18) must see one order everywhere.
+  """
   if not isinstance(values, Mapping):
     raise ValueError(
         f"{what} must be a mapping keyed by modality name, e.g. "
         f"{{'audio': ..., 'visual': ...}}; got {type(values).__name__}.")
-  names = tuple(values.keys())
+  for name in values.keys():
+    if not isinstance(name, str):
+      raise ValueError(f"modality names must be strings; got {name!r} in {what}.")
+  names = tuple(sorted(values.keys()))
   if len(names) < 2:
     raise ValueError(
         f"{what} must hold at least two modalities; got {list(names)}.")
-  for name in names:
-    if not isinstance(name, str):
-      raise ValueError(f"modality names must be strings; got {name!r} in {what}.")
   return names
 
 

@@ -37,6 +37,16 @@ def _all_present(stats: Mapping[str, ModalityStatistics], names) -> Array:
   return jnp.all(_stack({m: stats[m].count for m in names}, names) > 0)
 
 
+def _usable(stats: Mapping[str, ModalityStatistics], names,
+            positive: float | Array) -> Array:
+  """Every modality has a finite row and the (possibly traced) T or alpha > 0.
+
+  Where this is False the rules return neutral coefficients; a traced
+  ``temperature <= 0`` would otherwise silently flip them.
+  """
+  return _all_present(stats, names) & (jnp.asarray(positive) > 0)
+
+
 def _reference_index(names, reference: str | None) -> int:
   if reference is None:
     return len(names) - 1
@@ -70,7 +80,7 @@ def arl_coefficients_from_statistics(
   # z_m = T (q^_m - s^_m) / (2 q^_r s^_r). At K = 2, z_0 - z_1 = T (q0/q1 - s0/s1).
   logits = temperature * (q_share - s_share) / (2.0 * q_share[r] * s_share[r])
   a = jax.nn.softmax(logits)
-  a = jnp.where(_all_present(stats, names), a, 1.0 / len(names))
+  a = jnp.where(_usable(stats, names, temperature), a, 1.0 / len(names))
   return {m: a[i] for i, m in enumerate(names)}
 
 
@@ -80,7 +90,8 @@ def arl_coefficients(logits: Mapping[str, Array], labels: Array,
                      reference: str | None = None) -> dict[str, Array]:
   """Asymmetric-learning coefficients of ARL (Eq. 18).
 
-  Two modalities (``m0`` is the first key of the mapping, ``m1`` the second):
+  Two modalities (``m0`` and ``m1`` in sorted name order, the order JAX gives
+  dict keys, so that eager, ``jit`` and the train step agree):
 
   .. math::
     [a_0, a_1] = \\mathrm{softmax}\\big([\\,T\\,q_0/q_1,\\ T\\,s_0/s_1\\,]\\big)
@@ -113,12 +124,14 @@ def arl_coefficients(logits: Mapping[str, Array], labels: Array,
     mask: optional ``[batch]`` boolean of rows to use.
     entropy_floor: floor on the mean entropy, see
       :func:`unimodal_inverse_variance`.
-    reference: the modality ``r`` above (default: the last key).
+    reference: the modality ``r`` above (default: the last name in sorted
+      order).
 
   Returns:
     ``{modality: a_m}``, summing to 1, without gradient. Rows with NaN/Inf
-    logits are excluded; if a modality has no finite row the coefficients are
-    ``1/K`` (no preference).
+    logits or (under ``jit``) a label outside ``[0, C)`` are excluded; if a
+    modality has no usable row, or a traced ``temperature`` is not > 0, the
+    coefficients are ``1/K`` (no preference).
   """
   stats = stats_lib.modality_statistics(logits, labels, mask)
   return arl_coefficients_from_statistics(
@@ -163,7 +176,7 @@ def released_arl_coefficients_from_statistics(
                       counts, sum_floor) / jnp.maximum(counts, 1.0)
   dep_share = dep / jnp.sum(dep)
   a = jax.nn.softmax(temperature * q_share * (1.0 - dep_share))
-  a = jnp.where(_all_present(stats, names), a, 1.0 / len(names))
+  a = jnp.where(_usable(stats, names, temperature), a, 1.0 / len(names))
   return {m: a[i] for i, m in enumerate(names)}
 
 
@@ -207,7 +220,7 @@ def ogm_ge_coefficients_from_statistics(
   others = (jnp.sum(s) - s) / (len(names) - 1)
   rho = s / others
   k = jnp.where(rho > 1.0, 1.0 - jnp.tanh(alpha * rho), 1.0)
-  k = jnp.where(_all_present(stats, names), k, 1.0)
+  k = jnp.where(_usable(stats, names, alpha), k, 1.0)
   return {m: k[i] for i, m in enumerate(names)}
 
 

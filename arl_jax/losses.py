@@ -13,15 +13,31 @@ from arl_jax import _validation
 Array = jax.Array
 
 
+def _rows(labels: Array, mask: Array | None, num_classes: int
+          ) -> tuple[Array, Array]:
+  """(float weight of the rows that count, labels clipped into range).
+
+  Concrete labels are checked (and rejected) by the callers; under ``jit`` a
+  row whose label is outside ``[0, C)`` gets weight 0 instead of silently
+  training as another class (a negative index wraps) or giving NaN.
+  """
+  ok = (labels >= 0) & (labels < num_classes)
+  if mask is not None:
+    ok = ok & jnp.asarray(mask, bool)
+  return ok.astype(jnp.float32), jnp.clip(labels, 0, num_classes - 1)
+
+
 def cross_entropy(logits: Array, labels: Array, mask: Array | None = None
                   ) -> Array:
-  """Mean softmax cross-entropy over the rows where ``mask`` is True."""
+  """Mean softmax cross-entropy over the rows where ``mask`` is True.
+
+  Rows with a label outside ``[0, C)`` (possible only under ``jit``) are
+  left out too.
+  """
+  w, labels = _rows(labels, mask, jnp.shape(logits)[-1])
   per_example = optax.softmax_cross_entropy_with_integer_labels(
       logits.astype(jnp.float32), labels)
-  if mask is None:
-    return jnp.mean(per_example)
-  mask = mask.astype(jnp.float32)
-  return jnp.sum(per_example * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+  return jnp.sum(per_example * w) / jnp.maximum(jnp.sum(w), 1.0)
 
 
 def arl_loss(fused_logits: Array, unimodal_logits: Mapping[str, Array],
@@ -42,7 +58,8 @@ def arl_loss(fused_logits: Array, unimodal_logits: Mapping[str, Array],
     unimodal_logits: ``{modality: [batch, classes]}``, K >= 2.
     labels: ``[batch]`` integer labels.
     gamma: weight of the unimodal terms (paper: 4).
-    mask: optional ``[batch]`` boolean; False rows (padding) are ignored.
+    mask: optional ``[batch]`` boolean; False rows (padding) are ignored,
+      and so are rows whose label is outside ``[0, C)`` under ``jit``.
 
   Returns:
     The scalar loss (differentiable in both the fused and unimodal logits).
@@ -55,12 +72,9 @@ def arl_loss(fused_logits: Array, unimodal_logits: Mapping[str, Array],
   _validation.check_labels(labels, batch, classes)
   _validation.check_mask(mask, batch)
   # All K + 1 cross-entropies in one batched computation.
+  w, labels = _rows(labels, mask, classes)
   stacked = jnp.stack([fused_logits] + [unimodal_logits[m] for m in names])
   per_example = optax.softmax_cross_entropy_with_integer_labels(
       stacked.astype(jnp.float32), labels[None])                  # [K+1, B]
-  if mask is None:
-    ce = jnp.mean(per_example, axis=-1)
-  else:
-    w = jnp.asarray(mask, jnp.float32)
-    ce = jnp.sum(per_example * w, axis=-1) / jnp.maximum(jnp.sum(w), 1.0)
+  ce = jnp.sum(per_example * w, axis=-1) / jnp.maximum(jnp.sum(w), 1.0)
   return ce[0] + gamma * jnp.sum(ce[1:])

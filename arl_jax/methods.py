@@ -36,6 +36,15 @@ class Modulation(NamedTuple):
   coefficients: dict[str, Array]   # the method's coefficient (a_m, k_m, ...)
   scales: dict[str, Array]         # multiplier of encoder m's gradients
   noise: dict[str, Array] | None   # std multiplier of gradient noise, or None
+  diagnostics: dict[str, Array] = {}   # extra scalar metrics of the step
+
+
+def _check_concrete(value: Any, what: str, ok, rule: str) -> None:
+  """Raises if a concrete hyper-parameter breaks ``rule`` (tracers pass)."""
+  if isinstance(value, jax.core.Tracer):
+    return
+  if not ok(float(value)):
+    raise ValueError(f"{what} must be {rule}; got {value}.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,6 +58,10 @@ class Method:
   name: ClassVar[str] = "concat"
   gamma: float = 0.0
   warmup_gamma: float = 0.0
+
+  def __post_init__(self):
+    for field in ("gamma", "warmup_gamma"):
+      _check_concrete(getattr(self, field), field, lambda v: v >= 0, ">= 0")
 
   def modulation(self, stats: Mapping[str, ModalityStatistics]) -> Modulation:
     ones = {m: jnp.ones((), jnp.float32) for m in stats}
@@ -73,8 +86,14 @@ class _SoftmaxRule(Method):
   temperature: float = 4.0
 
   def __post_init__(self):
-    if not self.temperature > 0:
-      raise ValueError(f"temperature must be > 0; got {self.temperature}.")
+    super().__post_init__()
+    _check_concrete(self.temperature, "temperature", lambda v: v > 0, "> 0")
+
+  def _temperature_diagnostics(self) -> dict[str, Array]:
+    # A traced temperature (vmap over T) is not checked at construction; the
+    # coefficient rules give neutral coefficients for T <= 0 and this flags it.
+    bad = jnp.logical_not(jnp.asarray(self.temperature) > 0)
+    return {"invalid_temperature": bad.astype(jnp.float32)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,7 +122,8 @@ class ARL(_SoftmaxRule):
         stats, self.temperature, entropy_floor=self.entropy_floor,
         reference=self.reference)
     base = 1.0 if self.residual else 0.0
-    return Modulation(a, {m: base + v for m, v in a.items()}, None)
+    return Modulation(a, {m: base + v for m, v in a.items()}, None,
+                      self._temperature_diagnostics())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,7 +154,8 @@ class ARLReleased(_SoftmaxRule):
         stats, self.temperature)
     applied = ({m: jnp.full((), self.constant, jnp.float32) for m in a}
                if self.apply_constant else a)
-    return Modulation(a, {m: 1.0 + v for m, v in applied.items()}, None)
+    return Modulation(a, {m: 1.0 + v for m, v in applied.items()}, None,
+                      self._temperature_diagnostics())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,8 +180,8 @@ class OGMGE(Method):
   noise: bool = True
 
   def __post_init__(self):
-    if not self.alpha > 0:
-      raise ValueError(f"alpha must be > 0; got {self.alpha}.")
+    super().__post_init__()
+    _check_concrete(self.alpha, "alpha", lambda v: v > 0, "> 0")
 
   def modulation(self, stats):
     k = coef_lib.ogm_ge_coefficients_from_statistics(stats, self.alpha)

@@ -64,15 +64,19 @@ def prediction_statistics(logits: Array, labels: Array,
     raise ValueError(f"logits must have shape [batch, classes]; got shape "
                      f"{jnp.shape(logits)}.")
   logits = jax.lax.stop_gradient(logits).astype(jnp.float32)
+  num_classes = jnp.shape(logits)[-1]
   finite = jnp.all(jnp.isfinite(logits), axis=-1)
-  weight = finite if mask is None else finite & mask.astype(bool)
+  # Under jit labels are not checked: a label outside [0, C) drops its row.
+  label_ok = (labels >= 0) & (labels < num_classes)
+  labels = jnp.clip(labels, 0, num_classes - 1)
+  in_batch = label_ok if mask is None else label_ok & mask.astype(bool)
+  weight = finite & in_batch
   weight_f = weight.astype(jnp.float32)
   # Replace non-finite rows by zeros before any arithmetic so that no NaN can
   # leak into the sums (a NaN times zero weight is still NaN).
   safe = jnp.where(weight[:, None], logits, 0.0)
   logp = jax.nn.log_softmax(safe, axis=-1)
   true_logp = jnp.take_along_axis(logp, labels[:, None], axis=-1)[:, 0]
-  in_batch = jnp.ones_like(weight) if mask is None else mask.astype(bool)
   return ModalityStatistics(
       count=jnp.sum(weight_f),
       entropy_sum=jnp.sum(weight_f * entropy(safe)),
@@ -107,7 +111,11 @@ def modality_statistics(logits: Mapping[str, Array], labels: Array,
   stacked = jnp.stack([jnp.asarray(logits[m]) for m in names])
   row_finite = jnp.all(jnp.isfinite(stacked), axis=-1)            # [K, B]
   rows = jnp.all(row_finite, axis=0)
-  in_batch = jnp.ones((batch,), bool) if mask is None else jnp.asarray(mask, bool)
+  # Labels are checked above when concrete; under jit a row whose label is
+  # outside [0, C) is dropped here.
+  in_batch = (labels >= 0) & (labels < classes)
+  if mask is not None:
+    in_batch = in_batch & jnp.asarray(mask, bool)
   stats = jax.vmap(prediction_statistics, in_axes=(0, None, None))(
       stacked, labels, rows & in_batch)
   stats = stats._replace(num_nonfinite=jnp.sum(

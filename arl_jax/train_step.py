@@ -26,10 +26,12 @@ from typing import Any
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from arl_jax import _validation
 from arl_jax import losses
+from arl_jax import optimizer_checks
 from arl_jax import statistics as stats_lib
 from arl_jax.methods import Method
 from arl_jax.transforms import ScaleByModalityState
@@ -100,11 +102,46 @@ def _per_modality_metrics(stats, modulation, scales) -> dict[str, Any]:
   }
 
 
+def _label_mask(labels: Array, mask: Array | None, num_classes: int
+                ) -> tuple[Array, Array, Array]:
+  """Rows that train: in the batch and with a label in [0, C).
+
+  Returns ``(rows, safe_labels, num_invalid)``: rows with an out-of-range
+  label are left out of every loss and statistic (``safe_labels`` clips them
+  so that no gather reads out of range) and counted in ``num_invalid``.
+  """
+  in_batch = (jnp.ones(jnp.shape(labels), bool) if mask is None
+              else jnp.asarray(mask, bool))
+  ok = (labels >= 0) & (labels < num_classes)
+  invalid = jnp.sum((in_batch & ~ok).astype(jnp.float32))
+  return in_batch & ok, jnp.clip(labels, 0, num_classes - 1), invalid
+
+
+def _micro_batches(batch: Mapping[str, Any], n: int) -> dict[str, Any]:
+  """``[n * b, ...]`` leaves -> ``[n, b, ...]`` (rows k*b .. k*b+b-1 in micro k)."""
+  def split(x):
+    size = jnp.shape(x)[0]
+    if size % n:
+      raise ValueError(f"a batch of {size} rows does not split into "
+                       f"accumulation_steps={n} equal micro-batches.")
+    return jnp.reshape(x, (n, size // n) + tuple(jnp.shape(x)[1:]))
+  return jax.tree.map(split, dict(batch))
+
+
+def _check_int(value: Any, what: str, minimum: int) -> None:
+  if isinstance(value, jax.core.Tracer):
+    return
+  if np.ndim(value) != 0 or int(value) != value or value < minimum:
+    raise ValueError(f"{what} must be an integer >= {minimum}; got {value!r}.")
+
+
 def make_train_step(apply_fn: ApplyFn, tx: optax.GradientTransformation,
                     method: Method, *, warmup_steps: int | Array = 0,
                     skip_nonfinite_updates: bool = True,
                     axis_name: Any = None,
-                    batch_transform: Callable | None = None
+                    batch_transform: Callable | None = None,
+                    accumulation_steps: int = 1,
+                    check_tx: bool = True,
                     ) -> Callable[[TrainState, Mapping[str, Any]],
                                   tuple[TrainState, dict[str, Any]]]:
   """Builds the training step of a balancing ``method`` (ARL by default use).
@@ -116,8 +153,9 @@ def make_train_step(apply_fn: ApplyFn, tx: optax.GradientTransformation,
      gradients;
   3. the method's coefficients from the batch sums of the unimodal
      predictions (for ARL: Eq. 17, Eq. 4, Eq. 18), without gradient;
-  4. ``tx.update(grads, ..., modality_scales=scales_t)``, ``tx`` starting with
-     :func:`arl_jax.scale_by_modality`.
+  4. ``tx.update(grads, ..., modality_scales=scales_t)``, ``tx`` containing
+     :func:`arl_jax.scale_by_modality` where its scales act (see
+     :func:`arl_jax.with_modality_scales`).
 
   Warm-up, driven by ``state.step`` (no recompilation): while ``t <
   warmup_steps`` the scales are 1, no noise is added and ``gamma_t =
@@ -125,19 +163,33 @@ def make_train_step(apply_fn: ApplyFn, tx: optax.GradientTransformation,
   afterwards ``gamma_t = method.gamma`` and the method's scales apply. The
   coefficients are computed and reported throughout.
 
-  Non-finite values: rows with a NaN/Inf unimodal logit are left out of the
-  statistics, so coefficients stay finite (neutral if a modality has no finite
-  row). If the loss or any gradient is not finite and
-  ``skip_nonfinite_updates`` is True, parameters, optimiser and model state
-  are kept as they were, ``metrics["update_skipped"]`` is 1 and the step
-  counter still advances; the next finite batch trains normally.
+  Bad rows never train: rows with ``mask`` False, and rows whose label is
+  outside ``[0, C)`` (counted in ``metrics["invalid_labels"]``; eagerly the
+  public functions raise instead, but inside ``jit`` labels are not
+  concrete), are left out of the loss, the gradients and the statistics.
+  Rows with a NaN/Inf unimodal logit are left out of the statistics, so
+  coefficients stay finite (neutral if a modality has no finite row). If the
+  loss or any gradient is not finite and ``skip_nonfinite_updates`` is True,
+  parameters, optimiser and model state are kept as they were,
+  ``metrics["update_skipped"]`` is 1 and the step counter still advances.
+
+  Gradient accumulation (``accumulation_steps=n``): the batch's rows are
+  split into ``n`` consecutive micro-batches run one after the other
+  (``lax.scan``: the memory of one micro-batch), their gradients and
+  statistics (sums) are added, and one update is made with the coefficients
+  of the *whole* batch, equal to one step on the full batch up to float
+  rounding for models without batch statistics (BatchNorm normalises each
+  micro-batch by its own statistics; dropout keys differ per micro-batch).
+  Do not wrap the chain in ``optax.MultiSteps`` instead: it would apply the
+  last micro-batch's scales to the mean gradient and see only that
+  micro-batch's statistics.
 
   Args:
     apply_fn: the model, see :data:`ApplyFn`.
-    tx: the optimiser; must contain :func:`arl_jax.scale_by_modality` (first,
-      so that clipping and momentum see the scaled gradients).
+    tx: the optimiser, containing :func:`arl_jax.scale_by_modality` (best
+      built with :func:`arl_jax.with_modality_scales`).
     method: an :class:`arl_jax.methods.Method` (``ARL(...)``, ``OGMGE(...)``).
-    warmup_steps: number of initial steps without modulation.
+    warmup_steps: number of initial steps without modulation (>= 0).
     skip_nonfinite_updates: see above.
     axis_name: set when the step runs per device under ``jax.pmap`` (or
       ``shard_map``) with that axis name: the loss is normalised by the
@@ -153,52 +205,119 @@ def make_train_step(apply_fn: ApplyFn, tx: optax.GradientTransformation,
       and resize on the device); its key is ``fold_in(step key, 1)`` (with a
       device axis, different on every device). The batch it receives may
       carry extra keys (``frame_hw``) as long as it returns a plain batch.
+    accumulation_steps: micro-batches per update (>= 1), see above.
+    check_tx: when the step is first traced, probe ``tx`` on stand-ins of the
+      parameters (:func:`arl_jax.optimizer_checks.scales_take_effect`) and
+      raise a ValueError if the modality scales provably have no effect
+      (e.g. ``scale_by_modality`` before Adam). False skips the probe.
 
   Returns:
     ``train_step(state, batch) -> (state, metrics)``; ``batch`` is
     ``{"inputs": {modality: x}, "labels": y, "mask": optional bool [batch]}``.
     ``metrics`` holds scalars ``loss``, ``fused_loss``, ``accuracy``,
-    ``gamma``, ``warmup``, ``grad_norm``, ``update_skipped`` and per-modality
-    mappings ``q``, ``s``, ``a``, ``scale``, ``unimodal_loss``,
-    ``unimodal_accuracy``, ``nonfinite_rows``.
+    ``gamma``, ``warmup``, ``grad_norm``, ``update_skipped``,
+    ``invalid_labels``, the method's own diagnostics (ARL:
+    ``invalid_temperature``) and per-modality mappings ``q``, ``s``, ``a``,
+    ``scale``, ``unimodal_loss``, ``unimodal_accuracy``, ``nonfinite_rows``.
   """
+  _check_int(warmup_steps, "warmup_steps", 0)
+  _check_int(accumulation_steps, "accumulation_steps", 1)
+  checked: set[Any] = set()
+
+  def check_tx_once(params, modalities):
+    key = (jax.tree.structure(params), tuple(modalities))
+    if not check_tx or key in checked:
+      return
+    if optimizer_checks.scales_take_effect(tx, params, modalities) is False:
+      raise ValueError(
+          "the modality scales have no effect with this optimiser: it "
+          "normalises each coordinate (Adam, AdamW, Lion, RMSProp, "
+          "Adafactor, ...), so a scale applied before it cancels. Put the "
+          "scale after the optimiser, optax.chain(optimizer, "
+          "arl_jax.scale_by_modality(labels)), or build tx with "
+          "arl_jax.with_modality_scales(optimizer, labels), which places it "
+          "where it acts; pass check_tx=False to train this way anyway.")
+    checked.add(key)
+
+  def forward_backward(params, model_state, inputs, labels, mask, rng, gamma,
+                       weight_of):
+    """Loss (times ``weight_of(rows)``), gradients and batch sums."""
+
+    def loss_fn(params):
+      outputs, new_model_state = apply_fn(params, model_state, inputs,
+                                          train=True, rng=rng)
+      fused, unimodal, _ = _check_outputs(outputs, inputs)
+      rows, safe, invalid = _label_mask(labels, mask, jnp.shape(fused)[-1])
+      loss = losses.arl_loss(fused, unimodal, safe, gamma, mask=rows)
+      count = jnp.sum(rows.astype(jnp.float32))
+      return loss * weight_of(count), (fused, unimodal, new_model_state,
+                                        rows, safe, invalid)
+
+    (loss, (fused, unimodal, new_model_state, rows, safe, invalid)), grads = (
+        jax.value_and_grad(loss_fn, has_aux=True)(params))
+    sums = (stats_lib.modality_statistics(unimodal, safe, rows),
+            stats_lib.prediction_statistics(fused, safe, rows), invalid)
+    return loss, grads, sums, new_model_state
 
   def train_step(state: TrainState, batch: Mapping[str, Any]):
     if not _has_scale_by_modality(state.opt_state):
       raise ValueError(
-          "the optimiser state has no scale_by_modality: build tx as "
-          "optax.chain(arl_jax.scale_by_modality(param_labels), ...), "
-          "otherwise the method's gradient scales would be silently ignored.")
+          "the optimiser state has no scale_by_modality: build tx with "
+          "arl_jax.with_modality_scales(optimizer, param_labels) (or chain "
+          "arl_jax.scale_by_modality(param_labels) into it), otherwise the "
+          "method's gradient scales would be silently ignored.")
     rng = jax.random.fold_in(state.rng, state.step)
     if axis_name is not None:
       rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
     if batch_transform is not None:
       batch = batch_transform(batch, jax.random.fold_in(rng, 1))
     inputs, labels, mask = _unpack_batch(batch)
+    if isinstance(inputs, Mapping):
+      check_tx_once(state.params, tuple(inputs))
     in_warmup = state.step < warmup_steps
     gamma = jnp.where(in_warmup, method.warmup_gamma, method.gamma)
-    # Share of the global batch held here (1 without a device axis).
-    local = (jnp.float32(jnp.shape(labels)[0]) if mask is None
-             else jnp.sum(jnp.asarray(mask, jnp.float32)))
-    share = jnp.float32(1.0)
+
+    if accumulation_steps == 1:
+      def weight_of(count):       # share of the global batch held here
+        if axis_name is None:
+          return jnp.float32(1.0)
+        return count / jnp.maximum(jax.lax.psum(count, axis_name), 1.0)
+      loss, grads, sums, new_model_state = forward_backward(
+          state.params, state.model_state, inputs, labels, mask, rng, gamma,
+          weight_of)
+    else:
+      # Sums over micro-batches (each loss weighted by its row count), then
+      # one division by the rows of the whole (global) batch.
+      micro = _micro_batches({"inputs": inputs, "labels": labels,
+                              **({} if mask is None else {"mask": mask})},
+                             accumulation_steps)
+
+      def one(carry, xs):
+        k, b = xs
+        model_state, acc = carry
+        loss, grads, sums, model_state = forward_backward(
+            state.params, model_state, b["inputs"], b["labels"],
+            b.get("mask"), jax.random.fold_in(rng, 2 + k), gamma,
+            lambda count: count)
+        add = (loss, grads, sums)
+        acc = add if acc is None else jax.tree.map(jnp.add, acc, add)
+        return (model_state, acc), None
+
+      zero = jax.tree.map(jnp.zeros_like, jax.eval_shape(
+          lambda: one((state.model_state, None),
+                      (0, jax.tree.map(lambda x: x[0], micro)))[0][1]))
+      (new_model_state, (loss, grads, sums)), _ = jax.lax.scan(
+          one, (state.model_state, zero),
+          (jnp.arange(accumulation_steps), micro))
+      rows = sums[1].count + sums[1].num_nonfinite
+      if axis_name is not None:
+        rows = jax.lax.psum(rows, axis_name)
+      loss, grads = jax.tree.map(lambda x: x / jnp.maximum(rows, 1.0),
+                                 (loss, grads))
+    stats, fused_stats, invalid = sums
     if axis_name is not None:
-      share = local / jnp.maximum(jax.lax.psum(local, axis_name), 1.0)
-
-    def loss_fn(params):
-      outputs, new_model_state = apply_fn(params, state.model_state, inputs,
-                                          train=True, rng=rng)
-      fused, unimodal, _ = _check_outputs(outputs, inputs)
-      loss = losses.arl_loss(fused, unimodal, labels, gamma, mask=mask)
-      return loss * share, (fused, unimodal, new_model_state)
-
-    (loss, (fused, unimodal, new_model_state)), grads = jax.value_and_grad(
-        loss_fn, has_aux=True)(state.params)
-
-    stats = stats_lib.modality_statistics(unimodal, labels, mask)
-    fused_stats = stats_lib.prediction_statistics(fused, labels, mask)
-    if axis_name is not None:
-      loss, grads, stats, fused_stats = jax.lax.psum(
-          (loss, grads, stats, fused_stats), axis_name)
+      loss, grads, stats, fused_stats, invalid = jax.lax.psum(
+          (loss, grads, stats, fused_stats, invalid), axis_name)
       new_model_state = jax.lax.pmean(new_model_state, axis_name)
     modulation = method.modulation(stats)
     scales = {m: jnp.where(in_warmup, 1.0, v).astype(jnp.float32)
@@ -230,6 +349,8 @@ def make_train_step(apply_fn: ApplyFn, tx: optax.GradientTransformation,
         "warmup": in_warmup.astype(jnp.float32),
         "grad_norm": grad_norm,
         "update_skipped": (~ok).astype(jnp.float32),
+        "invalid_labels": invalid,
+        **modulation.diagnostics,
         **_per_modality_metrics(stats, modulation, scales),
     }
     new_state = state.replace(step=state.step + 1, params=params,
@@ -247,10 +368,11 @@ def make_eval_step(apply_fn: ApplyFn, batch_transform: Callable | None = None
   ``batch_transform``: optional deterministic ``batch -> batch`` traced in
   first (e.g. ``FrameAugmentation().eval``).
 
-  Returns batch *sums* (``count``, ``correct``, ``loss_sum`` and per-modality
-  ``unimodal_correct``) plus per-row ``predictions`` and ``valid``, so that
-  adding them over batches gives exact accuracy on the whole split, padded
-  last batch included (rows with ``mask`` False count nowhere).
+  Returns batch *sums* (``count``, ``correct``, ``loss_sum``,
+  ``invalid_labels`` and per-modality ``unimodal_correct``) plus per-row
+  ``predictions`` and ``valid``, so that adding them over batches gives exact
+  accuracy on the whole split, padded last batch included (rows with ``mask``
+  False, or a label outside ``[0, C)``, count nowhere).
   """
 
   def eval_step(state: TrainState, batch: Mapping[str, Any]):
@@ -260,12 +382,13 @@ def make_eval_step(apply_fn: ApplyFn, batch_transform: Callable | None = None
     outputs, _ = apply_fn(state.params, state.model_state, inputs,
                           train=False, rng=state.rng)
     fused, unimodal, _ = _check_outputs(outputs, inputs)
-    fused_stats = stats_lib.prediction_statistics(fused, labels, mask)
-    stats = stats_lib.modality_statistics(unimodal, labels, mask)
-    valid = jnp.ones(labels.shape, bool) if mask is None else mask.astype(bool)
+    valid, safe, invalid = _label_mask(labels, mask, jnp.shape(fused)[-1])
+    fused_stats = stats_lib.prediction_statistics(fused, safe, valid)
+    stats = stats_lib.modality_statistics(unimodal, safe, valid)
     # Rows with a non-finite prediction count as errors, not as absent.
     return {
         "count": jnp.sum(valid.astype(jnp.float32)),
+        "invalid_labels": invalid,
         "correct": fused_stats.correct,
         "loss_sum": fused_stats.loss_sum,
         "unimodal_correct": {m: s.correct for m, s in stats.items()},

@@ -76,6 +76,12 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   for name in ("batch_size", "num_epochs", "eval_batch_size"):
     if config[name] < 1:
       raise ConfigError(f"config.{name} must be >= 1; got {config[name]}.")
+  if config.optim.name not in OPTIMIZERS:
+    raise ConfigError(f"config.optim.name must be one of {list(OPTIMIZERS)}; "
+                      f"got {config.optim.name!r}.")
+  if config.optim.scale_placement not in PLACEMENTS:
+    raise ConfigError("config.optim.scale_placement must be one of "
+                      f"{list(PLACEMENTS)}; got {config.optim.scale_placement!r}.")
   if config.model.dtype not in ("float32", "bfloat16"):
     raise ConfigError(f"config.model.dtype must be float32 or bfloat16; got "
                       f"{config.model.dtype!r}.")
@@ -189,18 +195,37 @@ def build_model(config, data: Data):
       fusion=config.model.fusion, dtype=dtype)
 
 
+OPTIMIZERS = ("sgd", "adamw", "lion")
+PLACEMENTS = ("auto", "gradient", "update")
+
+
 def make_optimizer(config, data: Data):
+  """The configured optimiser with ARL's per-modality scales where they act.
+
+  ``optim.name``: ``sgd`` (the paper's: momentum, coupled weight decay),
+  ``adamw`` or ``lion`` (decoupled weight decay); all after gradient-norm
+  clipping. ``optim.scale_placement``: see
+  :func:`arl_jax.with_modality_scales` (``auto``: on the gradient for SGD,
+  the paper's scaling; after the optimiser for AdamW and Lion).
+  """
+  o = config.optim
   steps = data.steps_per_epoch
   schedule = optax.piecewise_constant_schedule(
-      config.optim.learning_rate,
-      {int(e) * steps: config.optim.decay_factor
-       for e in config.optim.decay_epochs})
-  labels = functools.partial(models.modality_labels, modalities=data.modalities)
-  return optax.chain(
-      arl_jax.scale_by_modality(labels, noise_seed=config.seed),
-      optax.clip_by_global_norm(config.optim.clip_norm),
-      optax.add_decayed_weights(config.optim.weight_decay),
-      optax.sgd(schedule, momentum=config.optim.momentum)), schedule
+      o.learning_rate, {int(e) * steps: o.decay_factor for e in o.decay_epochs})
+  if o.name == "sgd":
+    inner = optax.chain(optax.clip_by_global_norm(o.clip_norm),
+                        optax.add_decayed_weights(o.weight_decay),
+                        optax.sgd(schedule, momentum=o.momentum))
+  elif o.name == "adamw":
+    inner = optax.chain(optax.clip_by_global_norm(o.clip_norm),
+                        optax.adamw(schedule, weight_decay=o.weight_decay))
+  else:
+    inner = optax.chain(optax.clip_by_global_norm(o.clip_norm),
+                        optax.lion(schedule, weight_decay=o.weight_decay))
+  tx = arl_jax.with_modality_scales(
+      inner, arl_jax.label_modalities(data.modalities),
+      placement=o.scale_placement, noise_seed=config.seed)
+  return tx, schedule
 
 
 # ----------------------------------------------------------------- metrics --
@@ -235,6 +260,17 @@ def evaluate(eval_step, state, batches, num_classes) -> dict:
   return {"accuracy": correct / max(count, 1.0),
           "macro_f1": macro_f1(p, y, num_classes), "count": int(count),
           "unimodal_accuracy": {m: v / max(count, 1.0) for m, v in uni.items()}}
+
+
+def encoder_distance(initial, final, modalities) -> dict[str, float]:
+  """``||theta_m(final) - theta_m(initial)||`` per encoder (how far it moved)."""
+  labels = arl_jax.label_modalities(modalities)(initial)
+  sq = dict.fromkeys(modalities, 0.0)
+  for a, b, m in zip(jax.tree.leaves(initial), jax.tree.leaves(final),
+                     jax.tree.leaves(labels)):
+    if m in sq:
+      sq[m] += float(np.sum((np.asarray(b, np.float64) - a) ** 2))
+  return {m: float(np.sqrt(v)) for m, v in sq.items()}
 
 
 def _mean_metrics(history: list[dict]) -> dict:
@@ -336,6 +372,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   params, model_state = models.init_model(model, jax.random.PRNGKey(config.seed),
                                           data.example)
   tx, schedule = make_optimizer(config, data)
+  # A host copy: the step donates the state's buffers.
+  initial_params = jax.device_get(params)
   state = arl_jax.TrainState.create(params=params, tx=tx,
                                     model_state=model_state,
                                     rng=jax.random.PRNGKey(config.seed + 1))
@@ -343,7 +381,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   train_step = jax.jit(arl_jax.make_train_step(
       apply_fn, tx, method,
       warmup_steps=config.warmup_epochs * data.steps_per_epoch,
-      batch_transform=data.train_transform), donate_argnums=0)
+      batch_transform=data.train_transform,
+      check_tx=config.optim.check_scales), donate_argnums=0)
   eval_step = jax.jit(arl_jax.make_eval_step(
       apply_fn, batch_transform=data.eval_transform))
 
@@ -407,7 +446,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       "test_macro_f1_last": last["test_macro_f1"],
       "dependency_ratio_last": last["dependency_ratio"],
       "inverse_variance_ratio_last": last["inverse_variance_ratio"],
-      "a_last": last["a"], **data.extra,
+      "a_last": last["a"],
+      "encoder_distance": encoder_distance(initial_params, state.params,
+                                           data.modalities),
+      **data.extra,
   }
   (workdir / "results.json").write_text(json.dumps(report, indent=1))
   if config.plots:

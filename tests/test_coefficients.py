@@ -27,12 +27,47 @@ def test_two_modalities_is_exactly_eq18(batch, classes, temperature):
                                atol=1e-7)
 
 
-def test_first_key_of_mapping_is_m0():
-  logits, labels = _problem(3, ("audio", "visual"), 32, 6)
-  swapped = {"visual": logits["visual"], "audio": logits["audio"]}
-  a = arl_jax.arl_coefficients(swapped, labels, 4.0)
-  want = ref.eq18(logits["visual"], logits["audio"], labels, 4.0)
-  np.testing.assert_allclose([a["visual"], a["audio"]], want, rtol=2e-5)
+@pytest.mark.parametrize("names", [("visual", "audio"),
+                                   ("visual", "text", "audio")])
+def test_sorted_names_not_insertion_order_eager_jit_and_train_step(names):
+  """m0 is the first name in sorted order: eager == jit == the train step.
+
+  JAX sorts dict keys when it flattens, so an insertion-order rule gave other
+  coefficients under jit (issue: {visual 0.629, audio 0.371} eagerly against
+  {audio 0.456, visual 0.544} jitted).
+  """
+  logits, labels = _problem(3, names, 32, 6)
+  assert list(logits) == list(names)          # non-alphabetical insertion
+  eager = arl_jax.arl_coefficients(logits, labels, 4.0)
+  jitted = jax.jit(lambda l, y: arl_jax.arl_coefficients(l, y, 4.0))(
+      logits, labels)
+  order = sorted(names)
+  if len(names) == 2:
+    want = ref.eq18(logits[order[0]], logits[order[1]], labels, 4.0)
+  else:   # the same result whatever the insertion order
+    shuffled = {m: logits[m] for m in ("audio", "visual", "text")}
+    want = [arl_jax.arl_coefficients(shuffled, labels, 4.0)[m] for m in order]
+  for got in (eager, jitted):
+    np.testing.assert_allclose([got[m] for m in order], want, rtol=2e-5)
+  # The train step, fed these logits as the model's unimodal outputs.
+  fused = sum(logits.values())
+
+  def apply_fn(params, model_state, inputs, *, train, rng):
+    del inputs, train, rng
+    return (fused + 0 * sum(params.values()), dict(logits)), model_state
+
+  import optax
+  params = {m: jnp.zeros(()) for m in names}
+  tx = optax.chain(arl_jax.scale_by_modality(arl_jax.label_modalities(names)),
+                   optax.sgd(0.1))
+  state = arl_jax.TrainState.create(params=params, tx=tx,
+                                    rng=jax.random.PRNGKey(0))
+  step = arl_jax.make_train_step(apply_fn, tx, arl_jax.ARL(temperature=4.0),
+                                 check_tx=False)
+  batch = {"inputs": {m: jnp.zeros((32, 1)) for m in names},
+           "labels": jnp.asarray(labels)}
+  _, metrics = jax.jit(step)(state, batch)
+  np.testing.assert_allclose([metrics["a"][m] for m in order], want, rtol=2e-5)
 
 
 @pytest.mark.parametrize("names", [("a", "b", "c"), ("a", "b", "c", "d", "e")])

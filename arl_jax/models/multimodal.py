@@ -11,6 +11,7 @@ import jax
 import numpy as np
 
 from arl_jax import _validation
+from arl_jax.labels import label_modalities
 from arl_jax.unimodal import fused_and_unimodal_logits
 
 
@@ -106,13 +107,13 @@ def make_apply_fn(model: nn.Module) -> Callable[..., Any]:
 
 def modality_labels(params: Mapping[str, Any], modalities,
                     other: str = "shared") -> Any:
-  """Labels each leaf with its top-level key if that is a modality, else ``other``.
+  """Labels each leaf by the modality its path names, else ``other``.
 
-  Pass the result (or ``functools.partial(modality_labels,
-  modalities=...)``) to :func:`arl_jax.scale_by_modality`.
+  ``arl_jax.label_modalities(modalities, other=other)(params)``; pass the
+  result (or ``functools.partial(modality_labels, modalities=...)``) to
+  :func:`arl_jax.scale_by_modality`. Works on any pytree (Linen dicts, NNX
+  ``State``).
   """
-  modalities = set(modalities)
-  return {k: jax.tree.map(lambda _, k=k: k if k in modalities else other, v)
-          for k, v in params.items()}
+  return label_modalities(modalities, other=other)(params)
 
 

@@ -49,6 +49,13 @@ def get_config() -> ml_collections.ConfigDict:
   c.method.temperature = ml_collections.config_dict.placeholder(float)
   c.method.alpha = ml_collections.config_dict.placeholder(float)
   c.optim = ml_collections.ConfigDict()
+  c.optim.name = "sgd"               # sgd (the paper's) | adamw | lion
+  # Where ARL's per-modality scales act (arl_jax.with_modality_scales):
+  # auto = on the gradient for SGD (the paper), after AdamW/Lion (a
+  # per-modality step size; before them the scales cancel).
+  c.optim.scale_placement = "auto"   # auto | gradient | update
+  # Refuse an optimiser in which the scales provably cancel (False: allow).
+  c.optim.check_scales = True
   c.optim.learning_rate = 1e-3
   c.optim.momentum = 0.9
   c.optim.weight_decay = 1e-4

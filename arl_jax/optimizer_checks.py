@@ -1,0 +1,125 @@
+"""Cheap probes of an optax optimiser, run once on concrete stand-in arrays.
+
+Two questions decide whether ARL's per-modality scales do anything:
+
+* Is the optimiser *affine in its gradient* (SGD, momentum, coupled weight
+  decay, clipping below its threshold)? Then a scale on the gradient is a
+  scale on the update, exactly the paper's gradient scaling (Eqs. 19-20).
+* Or does it normalise per coordinate (Adam, AdamW, Lion, RMSProp,
+  Adafactor, sign methods)? Then a constant factor on a gradient leaf
+  cancels, and the scale must go after it, as a per-modality step size.
+
+The probes build random stand-ins with the parameters' shapes and dtypes
+(so they also work while ``jax.jit`` traces, from abstract values) and run
+``init``/``update`` eagerly in a short-lived thread of their own: JAX's
+tracing context is per thread, so an enclosing ``jit``/``pmap`` trace (the
+train step's first call) cannot capture them, and optax's internal ``jit``
+and ``cond`` calls stay concrete.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import functools
+from collections.abc import Callable
+from collections.abc import Mapping
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+# Probe gradients are small so that clipping by a global norm (40 in the
+# paper) stays inactive even for tens of millions of parameters.
+_PROBE_SCALE = 1e-4
+
+
+def _stand_ins(tree: Any, scale: float, seed: int) -> Any:
+  """Random arrays like ``tree``'s leaves, of magnitude in [scale, ~5 scale].
+
+  Bounded away from zero, so that an optimiser's epsilon (Adam: 1e-8) never
+  dominates an entry and hides or fakes a dependence on the scale.
+  """
+  rng = np.random.default_rng(seed)
+
+  def leaf(x):
+    shape, dtype = np.shape(x), jnp.dtype(getattr(x, "dtype", np.float32))
+    if not jnp.issubdtype(dtype, jnp.floating):
+      return jnp.zeros(shape, dtype)
+    n = rng.standard_normal(shape)
+    return jnp.asarray(np.sign(n) * (1.0 + np.abs(n)) * scale, dtype)
+
+  return jax.tree.map(leaf, tree)
+
+
+def _eagerly(fn: Callable[..., Any]) -> Callable[..., Any]:
+  """Runs ``fn`` on abstract shapes of its tree arguments, in a fresh thread."""
+
+  @functools.wraps(fn)
+  def wrapper(tx, params, *args, **kwargs):
+    shapes = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(np.shape(x), jnp.result_type(x)), params)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+      return pool.submit(fn, tx, shapes, *args, **kwargs).result()
+
+  return wrapper
+
+
+def _flat(tree: Any) -> np.ndarray:
+  leaves = [np.asarray(x, np.float64).ravel() for x in jax.tree.leaves(tree)
+            if np.issubdtype(np.asarray(x).dtype, np.floating)]
+  return np.concatenate(leaves) if leaves else np.zeros(0)
+
+
+@_eagerly
+def optimizer_is_affine(optimizer: optax.GradientTransformation,
+                        params: Any) -> bool | None:
+  """Whether ``optimizer``'s first update is affine in the gradient.
+
+  Tests ``u(2g) - u(g) == u(g) - u(0)`` (relative tolerance 1e-3) from a
+  fresh state on stand-ins of ``params``. Returns None when it cannot tell
+  (the update does not depend on the gradient at the first step, as for
+  ``optax.MultiSteps``).
+  """
+  p = _stand_ins(params, 0.1, seed=0)
+  g = _stand_ins(params, _PROBE_SCALE, seed=1)
+  state = optimizer.init(p)
+  u = [_flat(optimizer.update(jax.tree.map(lambda x, c=c: c * x, g),
+                              state, p)[0]) for c in (0.0, 1.0, 2.0)]
+  first, second = u[1] - u[0], u[2] - u[1]
+  size = np.max(np.abs(first), initial=0.0)
+  if size == 0.0 or not np.all(np.isfinite(first)):
+    return None
+  return bool(np.max(np.abs(second - first)) <= 1e-3 * size)
+
+
+@_eagerly
+def scales_take_effect(tx: optax.GradientTransformation, params: Any,
+                       modalities: Sequence[str], *, max_calls: int = 16,
+                       extra_args: Mapping[str, Any] | None = None
+                       ) -> bool | None:
+  """Whether ``tx.update``'s result depends on ``modality_scales`` at all.
+
+  Runs ``tx`` from a fresh state twice on the same stand-in gradients, once
+  with every scale 1 and once with scales 2, 3, ... per modality, for up to
+  ``max_calls`` calls until an update is non-zero (gradient accumulation
+  returns zeros at first). Returns False when the two updates agree to a
+  relative 1e-4 (the scales provably cancel, e.g. a scale put before Adam),
+  True when they differ, None when no update was non-zero.
+  """
+  extra_args = dict(extra_args or {})
+  one = {m: jnp.float32(1.0) for m in modalities}
+  other = {m: jnp.float32(2.0 + i) for i, m in enumerate(sorted(modalities))}
+  p = _stand_ins(params, 0.1, seed=0)
+  g = _stand_ins(params, 1.0, seed=1)
+  state_a = state_b = tx.init(p)
+  for _ in range(max_calls):
+    ua, state_a = tx.update(g, state_a, p, modality_scales=one, **extra_args)
+    ub, state_b = tx.update(g, state_b, p, modality_scales=other, **extra_args)
+    ua, ub = _flat(ua), _flat(ub)
+    size = np.max(np.abs(ua), initial=0.0)
+    if size > 0.0 and np.all(np.isfinite(ua)):
+      return bool(np.max(np.abs(ua - ub)) > 1e-4 * size)
+  return None
