@@ -6,6 +6,8 @@ step that composes them. Every per-modality value is a mapping keyed by
 modality name; any number of modalities K >= 2.
 """
 
+from arl_jax import estimators
+from arl_jax import fusion_weighting
 from arl_jax import optimizer_checks
 from arl_jax import parallel
 from arl_jax.coefficients import arl_coefficients
@@ -64,6 +66,8 @@ __all__ = [
     "arl_loss",
     "cross_entropy",
     "entropy",
+    "estimators",
+    "fusion_weighting",
     "fused_and_unimodal_logits",
     "label_modalities",
     "make_eval_step",

@@ -60,27 +60,37 @@ def arl_coefficients_from_statistics(
     stats: Mapping[str, ModalityStatistics], temperature: float | Array, *,
     entropy_floor: float = stats_lib.DEFAULT_ENTROPY_FLOOR,
     sum_floor: float = stats_lib.DEFAULT_SUM_FLOOR,
-    reference: str | None = None) -> dict[str, Array]:
+    reference: str | None = None,
+    inverse_variance: Mapping[str, Array] | None = None,
+    dependency_stats: Mapping[str, ModalityStatistics] | None = None,
+) -> dict[str, Array]:
   """ARL coefficients (Eq. 18, extended to K modalities) from batch sums.
 
-  See :func:`arl_coefficients` for the formula.
+  See :func:`arl_coefficients` for the formula. By default ``q_m`` is Eq. 17
+  on ``stats`` and ``s_m`` Eq. 4 on ``stats``; ``inverse_variance`` replaces
+  the former (another estimator, :mod:`arl_jax.estimators`) and
+  ``dependency_stats`` the rows the latter is read from.
   """
   names = _validation.modality_names(stats, "statistics")
   _validation.check_positive(temperature, "temperature")
   stats = jax.lax.stop_gradient(dict(stats))
-  counts = _stack({m: stats[m].count for m in names}, names)
-  q = _stack(stats_lib.inverse_variance_from_statistics(stats, entropy_floor),
-             names)
-  s = _floored_sums(
-      _stack(stats_lib.dependency_from_statistics(stats), names), counts,
-      sum_floor)
+  if inverse_variance is None:
+    inverse_variance = stats_lib.inverse_variance_from_statistics(
+        stats, entropy_floor)
+  dep = jax.lax.stop_gradient(dict(dependency_stats or stats))
+  q = _stack(jax.lax.stop_gradient(dict(inverse_variance)), names)
+  counts = _stack({m: dep[m].count for m in names}, names)
+  s = _floored_sums(_stack(stats_lib.dependency_from_statistics(dep), names),
+                    counts, sum_floor)
   q_share = q / jnp.sum(q)
   s_share = s / jnp.sum(s)
   r = _reference_index(names, reference)
   # z_m = T (q^_m - s^_m) / (2 q^_r s^_r). At K = 2, z_0 - z_1 = T (q0/q1 - s0/s1).
   logits = temperature * (q_share - s_share) / (2.0 * q_share[r] * s_share[r])
   a = jax.nn.softmax(logits)
-  a = jnp.where(_usable(stats, names, temperature), a, 1.0 / len(names))
+  usable = (_usable(stats, names, temperature) & _all_present(dep, names)
+            & jnp.all(jnp.isfinite(q)))
+  a = jnp.where(usable, a, 1.0 / len(names))
   return {m: a[i] for i, m in enumerate(names)}
 
 

@@ -45,7 +45,11 @@ def label_modalities(modalities: Sequence[str], *, other: str = "shared"
   whose path names no modality (the fusion head, a shared trunk) gets
   ``other``. Name each encoder's module after its modality (``self.audio =
   ...`` in NNX, ``name="audio"`` or a dict attribute in Linen); auto-named
-  modules (``Encoder_0``) cannot be matched.
+  modules (``Encoder_0``) cannot be matched. The *first* matching key wins,
+  so a head whose own parameters are keyed by modality names
+  (``head/audio``) is labelled with that modality too: name those
+  ``audio_classifier`` (as :mod:`arl_jax.models` does) or pass a prefix dict
+  such as ``{"audio": "audio", "visual": "visual", "head": "head"}``.
 
   Args:
     modalities: the modality names.

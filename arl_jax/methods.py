@@ -1,12 +1,16 @@
 """Balancing methods: how each encoder's gradients are scaled, and by how much.
 
-A method is a small frozen dataclass with two things the train step needs:
+A method is a small frozen dataclass with what the train step needs:
 
 * ``gamma`` / ``warmup_gamma``: the weight of the unimodal cross-entropies in
   the loss (Eq. 22) after and during warm-up;
 * ``modulation(stats)``: from the per-modality batch sums of
   :func:`arl_jax.modality_statistics`, the coefficients to report and the
-  multiplier applied to each encoder's gradients.
+  multiplier applied to each encoder's gradients;
+* optionally, persistent state and held-out rows: ``init_state(modalities)``
+  (kept in ``TrainState.method_state``), ``needs_heldout`` and
+  ``modulate(stats, heldout_stats, state) -> (Modulation, state)``, which by
+  default calls ``modulation(stats)``.
 
 The train step never looks at which method it runs, so a new weighting rule is
 a new subclass (plus :func:`register_method` to make it reachable by name from
@@ -25,6 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from arl_jax import coefficients as coef_lib
+from arl_jax import estimators as estimators_lib
 from arl_jax import statistics as stats_lib
 from arl_jax.statistics import ModalityStatistics
 
@@ -69,6 +74,23 @@ class Method:
                                     for m in stats},
                       scales=ones, noise=None)
 
+  @property
+  def needs_heldout(self) -> bool:
+    """Whether every training batch must carry held-out rows."""
+    return False
+
+  def init_state(self, modalities) -> Any:
+    """The method's persistent state (a pytree; ``()`` if it keeps none)."""
+    del modalities
+    return ()
+
+  def modulate(self, stats: Mapping[str, ModalityStatistics],
+               heldout: Mapping[str, ModalityStatistics] | None,
+               state: Any) -> tuple[Modulation, Any]:
+    """One step's modulation from the batch (and held-out) sums and state."""
+    del heldout
+    return self.modulation(stats), state
+
 
 @dataclasses.dataclass(frozen=True)
 class UnimodalRegularisation(Method):
@@ -110,20 +132,81 @@ class ARL(_SoftmaxRule):
     residual: whether to keep the gradient residual ``g + a_m g``.
     entropy_floor: floor on the mean entropy (see
       :func:`arl_jax.unimodal_inverse_variance`).
-    reference: reference modality of the K-modality extension (default last).
+    reference: reference modality of the K-modality extension (default: the
+      last name in sorted order).
+    estimator: how ``q_m`` is estimated (:mod:`arl_jax.estimators`):
+      ``train_entropy`` (Eq. 17, the paper), ``heldout_entropy`` or
+      ``heldout_variance`` (the variance of the true-class probability on
+      held-out rows, the quantity of Eqs. 13-16).
+    ema: decay of an exponential moving average of the statistics over steps
+      (0: none); the averages live in ``TrainState.method_state``.
+    dependency: rows the dependency ``s_m`` (Eq. 4) is read from: ``train``
+      (the batch, the paper) or ``heldout``.
   """
   name: ClassVar[str] = "arl"
   residual: bool = True
   entropy_floor: float = stats_lib.DEFAULT_ENTROPY_FLOOR
   reference: str | None = None
+  estimator: str = "train_entropy"
+  ema: float = 0.0
+  dependency: str = "train"
+
+  def __post_init__(self):
+    super().__post_init__()
+    estimators_lib.check_estimator(self.estimator)
+    _check_concrete(self.ema, "ema", lambda v: 0.0 <= v < 1.0, "in [0, 1)")
+    if self.dependency not in ("train", "heldout"):
+      raise ValueError("dependency must be 'train' or 'heldout'; got "
+                       f"{self.dependency!r}.")
+
+  @property
+  def needs_heldout(self) -> bool:
+    return (estimators_lib.needs_heldout(self.estimator)
+            or self.dependency == "heldout")
+
+  def init_state(self, modalities):
+    if not self.ema:
+      return ()
+    def empty():   # distinct buffers per leaf (a donated state must not alias)
+      return ModalityStatistics(*(jnp.zeros((), jnp.float32)
+                                  for _ in ModalityStatistics._fields))
+    return {"started": jnp.zeros((), bool),
+            "train": {m: empty() for m in sorted(modalities)},
+            "heldout": {m: empty() for m in sorted(modalities)}}
 
   def modulation(self, stats):
+    return self.modulate(stats, None, ())[0]
+
+  def modulate(self, stats, heldout, state):
+    if self.needs_heldout and heldout is None:
+      raise ValueError(
+          f"ARL(estimator={self.estimator!r}, dependency="
+          f"{self.dependency!r}) needs held-out rows: give each training "
+          "batch a 'heldout' entry ({'inputs', 'labels', 'mask'}).")
+    if self.ema:
+      if not state:
+        raise ValueError("ARL(ema=...) keeps state: create the TrainState "
+                         "with method=..., modalities=... (or method_state="
+                         "method.init_state(modalities)).")
+      started = state["started"]
+      stats = estimators_lib.ema_update(state["train"], stats, self.ema,
+                                        started)
+      if heldout is not None:
+        heldout = estimators_lib.ema_update(state["heldout"], heldout,
+                                            self.ema, started)
+      state = {"started": jnp.ones((), bool), "train": stats,
+               "heldout": heldout if heldout is not None else state["heldout"]}
+    q = estimators_lib.inverse_variance(self.estimator, stats, heldout,
+                                        entropy_floor=self.entropy_floor)
     a = coef_lib.arl_coefficients_from_statistics(
         stats, self.temperature, entropy_floor=self.entropy_floor,
-        reference=self.reference)
+        reference=self.reference, inverse_variance=q,
+        dependency_stats=heldout if self.dependency == "heldout" else None)
     base = 1.0 if self.residual else 0.0
+    diagnostics = {**self._temperature_diagnostics(),
+                   "q_estimate": dict(q)}
     return Modulation(a, {m: base + v for m, v in a.items()}, None,
-                      self._temperature_diagnostics())
+                      diagnostics), state
 
 
 @dataclasses.dataclass(frozen=True)

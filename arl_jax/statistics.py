@@ -40,6 +40,7 @@ class ModalityStatistics(NamedTuple):
   count: Array            # number of finite rows
   entropy_sum: Array      # sum_i H(softmax(p_i))
   true_prob_sum: Array    # sum_i softmax(p_i)[y_i]            (Eq. 4 terms)
+  true_prob_sq_sum: Array  # sum_i softmax(p_i)[y_i]^2  (its variance, Eq. 13)
   abs_logit_sum: Array    # sum_i sum_c |p_ic|   (the release's "dependency")
   correct: Array          # sum_i [argmax p_i == y_i]
   loss_sum: Array         # sum_i CE(p_i, y_i)
@@ -81,6 +82,7 @@ def prediction_statistics(logits: Array, labels: Array,
       count=jnp.sum(weight_f),
       entropy_sum=jnp.sum(weight_f * entropy(safe)),
       true_prob_sum=jnp.sum(weight_f * jnp.exp(true_logp)),
+      true_prob_sq_sum=jnp.sum(weight_f * jnp.exp(2.0 * true_logp)),
       abs_logit_sum=jnp.sum(weight_f * jnp.sum(jnp.abs(safe), axis=-1)),
       correct=jnp.sum(weight_f * (jnp.argmax(safe, axis=-1) == labels)),
       loss_sum=jnp.sum(weight_f * -true_logp),
@@ -136,6 +138,19 @@ def inverse_variance_from_statistics(
     entropy_floor: float = DEFAULT_ENTROPY_FLOOR) -> dict[str, Array]:
   """Eq. 17 from batch sums: ``q_m = 1 / max(mean_i H(softmax(p_m,i)), floor)``."""
   return {m: 1.0 / mean_entropy(s, entropy_floor) for m, s in stats.items()}
+
+
+def true_class_variance(stats: ModalityStatistics) -> Array:
+  """``Var_i(softmax(p_i)[y_i])`` over the rows of ``stats`` (NaN if none).
+
+  The variance of the true-class probability, the quantity whose inverse
+  weights the modalities in Eqs. 13-16 (``w_m ∝ 1 / Var(s_m)``), as
+  ``E[p_y^2] - E[p_y]^2`` from the batch sums (clamped at 0 against
+  rounding).
+  """
+  count = jnp.where(stats.count > 0, stats.count, jnp.nan)
+  mean = stats.true_prob_sum / count
+  return jnp.maximum(stats.true_prob_sq_sum / count - mean * mean, 0.0)
 
 
 def dependency_from_statistics(stats: Mapping[str, ModalityStatistics]

@@ -30,6 +30,7 @@ import numpy as np
 import optax
 
 from arl_jax import _validation
+from arl_jax import fusion_weighting as fusion_lib
 from arl_jax import losses
 from arl_jax import optimizer_checks
 from arl_jax import statistics as stats_lib
@@ -47,14 +48,22 @@ class TrainState(flax.struct.PyTreeNode):
   opt_state: Any
   model_state: Any     # mutable model collections, e.g. {"batch_stats": ...}
   rng: Array           # base key; step t uses fold_in(rng, t)
+  method_state: Any = ()   # the method's own state (e.g. ARL's EMA), or ()
 
   @classmethod
   def create(cls, *, params: Any, tx: optax.GradientTransformation,
-             rng: Array, model_state: Any = None) -> TrainState:
+             rng: Array, model_state: Any = None, method: Method | None = None,
+             modalities=None) -> TrainState:
+    """A fresh state; give ``method`` and ``modalities`` if it keeps state."""
+    method_state = ()
+    if method is not None:
+      if modalities is None:
+        raise ValueError("TrainState.create(method=...) needs modalities=...")
+      method_state = method.init_state(tuple(modalities))
     return cls(step=jnp.zeros((), jnp.int32), params=params,
                opt_state=tx.init(params),
                model_state={} if model_state is None else model_state,
-               rng=rng)
+               rng=rng, method_state=method_state)
 
 
 def _unpack_batch(batch: Mapping[str, Any]):
@@ -64,10 +73,11 @@ def _unpack_batch(batch: Mapping[str, Any]):
                      "({modality: array}) and 'labels' ([batch] int); got "
                      f"{type(batch).__name__} with keys "
                      f"{sorted(batch) if isinstance(batch, Mapping) else '-'}.")
-  unknown = set(batch) - {"inputs", "labels", "mask"}
+  unknown = set(batch) - {"inputs", "labels", "mask", "heldout"}
   if unknown:
     raise ValueError(f"unknown batch keys {sorted(unknown)}; a batch has "
-                     "'inputs', 'labels' and optionally 'mask'.")
+                     "'inputs', 'labels' and optionally 'mask' and "
+                     "'heldout'.")
   return batch["inputs"], batch["labels"], batch.get("mask")
 
 
@@ -92,7 +102,8 @@ def _check_outputs(outputs: Any, inputs: Mapping[str, Any]):
 def _per_modality_metrics(stats, modulation, scales) -> dict[str, Any]:
   count = {m: jnp.maximum(s.count, 1.0) for m, s in stats.items()}
   return {
-      "q": stats_lib.inverse_variance_from_statistics(stats),
+      "q": modulation.diagnostics.get(
+          "q_estimate", stats_lib.inverse_variance_from_statistics(stats)),
       "s": stats_lib.dependency_from_statistics(stats),
       "a": dict(modulation.coefficients),
       "scale": dict(scales),
@@ -315,11 +326,26 @@ def make_train_step(apply_fn: ApplyFn, tx: optax.GradientTransformation,
       loss, grads = jax.tree.map(lambda x: x / jnp.maximum(rows, 1.0),
                                  (loss, grads))
     stats, fused_stats, invalid = sums
+    heldout = None
+    if "heldout" in batch:
+      # Statistics only: a separate forward pass in evaluation mode, outside
+      # the differentiated function, so the gradients are those without it.
+      h_inputs, h_labels, h_mask = _unpack_batch(batch["heldout"])
+      outputs, _ = apply_fn(state.params, state.model_state, h_inputs,
+                            train=False, rng=rng)
+      h_fused, h_unimodal, _ = _check_outputs(outputs, h_inputs)
+      rows, safe, _ = _label_mask(h_labels, h_mask, jnp.shape(h_fused)[-1])
+      heldout = stats_lib.modality_statistics(h_unimodal, safe, rows)
+    elif method.needs_heldout:
+      raise ValueError(f"method {method!r} needs held-out rows: give each "
+                       "batch a 'heldout' entry ({'inputs', 'labels', "
+                       "'mask'}).")
     if axis_name is not None:
-      loss, grads, stats, fused_stats, invalid = jax.lax.psum(
-          (loss, grads, stats, fused_stats, invalid), axis_name)
+      loss, grads, stats, fused_stats, invalid, heldout = jax.lax.psum(
+          (loss, grads, stats, fused_stats, invalid, heldout), axis_name)
       new_model_state = jax.lax.pmean(new_model_state, axis_name)
-    modulation = method.modulation(stats)
+    modulation, method_state = method.modulate(stats, heldout,
+                                               state.method_state)
     scales = {m: jnp.where(in_warmup, 1.0, v).astype(jnp.float32)
               for m, v in modulation.scales.items()}
     extra = {"modality_scales": scales}
@@ -340,7 +366,9 @@ def make_train_step(apply_fn: ApplyFn, tx: optax.GradientTransformation,
       params = keep(params, state.params)
       opt_state = keep(opt_state, state.opt_state)
       new_model_state = keep(new_model_state, state.model_state)
-
+      method_state = keep(method_state, state.method_state)
+    diagnostics = {k: v for k, v in modulation.diagnostics.items()
+                   if k != "q_estimate"}
     metrics = {
         "loss": loss,
         "fused_loss": fused_stats.loss_sum / jnp.maximum(fused_stats.count, 1),
@@ -350,12 +378,16 @@ def make_train_step(apply_fn: ApplyFn, tx: optax.GradientTransformation,
         "grad_norm": grad_norm,
         "update_skipped": (~ok).astype(jnp.float32),
         "invalid_labels": invalid,
-        **modulation.diagnostics,
+        **diagnostics,
         **_per_modality_metrics(stats, modulation, scales),
     }
+    if heldout is not None:
+      metrics["heldout_unimodal_accuracy"] = {
+          m: s.correct / jnp.maximum(s.count, 1.0) for m, s in heldout.items()}
     new_state = state.replace(step=state.step + 1, params=params,
                               opt_state=opt_state,
-                              model_state=new_model_state)
+                              model_state=new_model_state,
+                              method_state=method_state)
     return new_state, metrics
 
   return train_step
@@ -363,25 +395,33 @@ def make_train_step(apply_fn: ApplyFn, tx: optax.GradientTransformation,
 
 def make_eval_step(apply_fn: ApplyFn, batch_transform: Callable | None = None
                    ) -> Callable[..., dict[str, Any]]:
-  """Builds ``eval_step(state, batch) -> sums`` for exact dataset metrics.
+  """Builds ``eval_step(state, batch, fusion_weights=None) -> sums``.
 
   ``batch_transform``: optional deterministic ``batch -> batch`` traced in
-  first (e.g. ``FrameAugmentation().eval``).
+  first (e.g. ``FrameAugmentation().eval``). ``fusion_weights``: optional
+  ``{modality: w_m}`` (traced) that reweight the unimodal logit terms of an
+  additive fusion head (:func:`arl_jax.fusion_weighting.weighted_fusion_logits`)
+  before the fused prediction is scored.
 
   Returns batch *sums* (``count``, ``correct``, ``loss_sum``,
   ``invalid_labels`` and per-modality ``unimodal_correct``) plus per-row
-  ``predictions`` and ``valid``, so that adding them over batches gives exact
-  accuracy on the whole split, padded last batch included (rows with ``mask``
-  False, or a label outside ``[0, C)``, count nowhere).
+  ``predictions``, ``valid``, ``fused_logits`` and ``unimodal_logits``, so
+  that adding them over batches gives exact accuracy on the whole split,
+  padded last batch included (rows with ``mask`` False, or a label outside
+  ``[0, C)``, count nowhere).
   """
 
-  def eval_step(state: TrainState, batch: Mapping[str, Any]):
+  def eval_step(state: TrainState, batch: Mapping[str, Any],
+                fusion_weights: Mapping[str, Any] | None = None):
     if batch_transform is not None:
       batch = batch_transform(batch)
     inputs, labels, mask = _unpack_batch(batch)
     outputs, _ = apply_fn(state.params, state.model_state, inputs,
                           train=False, rng=state.rng)
     fused, unimodal, _ = _check_outputs(outputs, inputs)
+    if fusion_weights is not None:
+      fused = fusion_lib.weighted_fusion_logits(fused, unimodal,
+                                                fusion_weights)
     valid, safe, invalid = _label_mask(labels, mask, jnp.shape(fused)[-1])
     fused_stats = stats_lib.prediction_statistics(fused, safe, valid)
     stats = stats_lib.modality_statistics(unimodal, safe, valid)
@@ -394,6 +434,9 @@ def make_eval_step(apply_fn: ApplyFn, batch_transform: Callable | None = None
         "unimodal_correct": {m: s.correct for m, s in stats.items()},
         "predictions": jnp.argmax(fused, axis=-1),
         "valid": valid,
+        "fused_logits": fused.astype(jnp.float32),
+        "unimodal_logits": {m: v.astype(jnp.float32)
+                            for m, v in unimodal.items()},
     }
 
   return eval_step

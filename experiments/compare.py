@@ -1,22 +1,33 @@
-"""The main job: every balancing method, several seeds, offline problems.
+"""The main job: balancing methods on problems where modality imbalance happens.
 
-Settings: (a) synthetic two-modality problems with unequal noise and a known
-Bayes-optimal accuracy (linear-Gaussian, and the same seen through a
-non-linear bijection); (b) UCI Multiple Features with a strong view paired
-with a weak one, and a three-view setting. For each: test accuracy and
-macro-F1 at the best *validation* epoch (mean +- std over seeds), the gap to
-the Bayes accuracy where known, and the final dependency ratio next to the
-inverse-variance ratio (the paper's Fig. 3 quantities). Writes
-``experiments/results/compare.{md,json}`` and plots; each run keeps its own
-workdir under ``workdirs/compare`` and is reused if already finished.
+Suite ``imbalance`` (the default, ``make run``): the four settings of
+``arl_jax.data.IMBALANCE_SETTINGS`` (two where plain concatenation starves the
+stronger modality, a three-modality one, and a control without imbalance),
+5 seeds. Rows: each modality trained alone, the late-fusion ensemble of
+those, concat, unimodal regularisation (UR), ARL with each variance
+estimator, and inverse-variance / calibrated weighting at the fusion
+(fitted on held-out training rows). For every row: test accuracy at the
+validation-selected epoch and at the last epoch, the paired difference to
+concat and to UR over seeds (same initialisation and batch order), how many
+selected epochs fall inside the warm-up, and linear probes of each frozen
+encoder. The imbalance signature is checked per setting.
 
-  python -m experiments.compare            # or: make run   (~5 min, 2 cores)
+Suite ``balanced`` (``--suite balanced``): the earlier problems without
+imbalance (two synthetic linear-Gaussian problems and UCI Multiple Features).
+
+Writes ``experiments/results/compare.{md,json}`` (``compare_balanced.*``)
+and plots. Each run keeps its workdir under ``workdirs/compare/<suite>`` and
+is read back when finished.
+
+  python -m experiments.compare            # or: make run   (~8 min, 2 cores)
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
+import multiprocessing
 import os
 import pathlib
 import platform
@@ -26,11 +37,45 @@ import numpy as np
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 OUT = ROOT / "experiments" / "results"
-METHODS = ("concat", "unimodal_regularisation", "arl_no_residual", "arl",
-           "arl_released", "arl_released_applied", "ogm_ge")
+
+BALANCED_METHODS = ("concat", "unimodal_regularisation", "arl_no_residual",
+                    "arl", "arl_released", "arl_released_applied", "ogm_ge")
+
+# Training runs of the imbalance suite: row name -> config overrides.
+IMBALANCE_RUNS = {
+    "concat": {"method.name": "concat"},
+    "UR": {"method.name": "unimodal_regularisation"},
+    "ARL (train entropy, paper)": {"method.name": "arl"},
+    "ARL (held-out entropy)": {"method.name": "arl",
+                               "method.estimator": "heldout_entropy"},
+    "ARL (held-out variance)": {"method.name": "arl",
+                                "method.estimator": "heldout_variance"},
+    "ARL (held-out variance, EMA 0.9)": {
+        "method.name": "arl", "method.estimator": "heldout_variance",
+        "method.ema": 0.9},
+}
+# Rows read from those runs' evaluation with weights at the fusion.
+FUSION_ROWS = {
+    "concat + calibrated fusion": ("concat", "calibrated"),
+    "UR + inverse-variance fusion": ("UR", "inverse_variance"),
+    "UR + calibrated fusion": ("UR", "calibrated"),
+    "ARL (held-out variance) + calibrated fusion": ("ARL (held-out variance)",
+                                                    "calibrated"),
+}
 
 
-def settings():
+def imbalance_settings():
+  from arl_jax import data
+  from experiments.configs import imbalance
+  out = {}
+  for name in data.IMBALANCE_SETTINGS:
+    c = imbalance.get_config()
+    c.data.setting = name
+    out[name] = c
+  return out
+
+
+def balanced_settings():
   from experiments.configs import synthetic
   from experiments.configs import uci
 
@@ -57,44 +102,319 @@ def settings():
   }
 
 
-def run_all(seeds, workroot: pathlib.Path, only=None):
+def runs(suite: str) -> dict[str, dict[str, dict]]:
+  """``{problem: {row: overrides}}`` of the training runs of a suite."""
+  if suite == "balanced":
+    return {p: {m: {"method.name": m, **({"method.alpha": 0.5}
+                                         if m == "ogm_ge" else {})}
+                for m in BALANCED_METHODS} for p in balanced_settings()}
+  from arl_jax import data
+  out = {}
+  for problem, modalities in data.IMBALANCE_SETTINGS.items():
+    rows = {f"{m} alone": {"method.name": "concat", "data.only_modality": m}
+            for m in sorted(modalities)}
+    out[problem] = {**rows, **IMBALANCE_RUNS}
+  return out
+
+
+def _config(suite: str, problem: str, overrides: dict, seed: int):
+  base = (balanced_settings() if suite == "balanced"
+          else imbalance_settings())[problem]
+  c = base.copy_and_resolve_references()
+  for key, value in overrides.items():
+    node = c
+    *path, last = key.split(".")
+    for p in path:
+      node = node[p]
+    node[last] = value
+  c.seed = seed
+  c.plots = False
+  c.progress = "none"
+  c.checkpoint_every_epochs = c.num_epochs
+  return c
+
+
+def _slug(row: str) -> str:
+  keep = "".join(ch if ch.isalnum() else "_" for ch in row.lower())
+  return "_".join(filter(None, keep.split("_")))
+
+
+def _run_one(task):
+  """One training run (in a worker process); returns (key, report, took)."""
+  suite, problem, row, overrides, seed, workroot = task
+  import jax
+  jax.config.update("jax_compilation_cache_dir",
+                    str(pathlib.Path(workroot) / ".jax_cache"))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  from absl import logging
+  logging.set_verbosity(logging.WARNING)
   from experiments import train
-  results, reused = {}, []
-  for name, base in settings().items():
-    if only and name not in only:
-      continue
-    for method in METHODS:
-      for seed in seeds:
-        c = base.copy_and_resolve_references()
-        c.method.name = method
-        if method == "ogm_ge":
-          c.method.alpha = 0.5
-        c.seed = seed
-        c.plots = False
-        c.progress = "none"
-        c.checkpoint_every_epochs = c.num_epochs
-        workdir = workroot / name / method / f"seed{seed}"
-        done = workdir / "results.json"
-        start = time.perf_counter()
-        if done.exists():        # a finished run: read back, not retrained
-          report = json.loads(done.read_text())
-          reused.append(str(workdir))
-          took = "read back"
-        else:
-          report = train.train_and_evaluate(c, workdir)
-          took = f"{time.perf_counter() - start:.1f} s"
-        results.setdefault(name, {}).setdefault(method, []).append(report)
-        print(f"{name:38s} {method:24s} seed {seed}: test acc "
-              f"{report['test_accuracy_at_best_val']:.4f} ({took})", flush=True)
-  return results, reused
+  workdir = pathlib.Path(workroot) / problem / _slug(row) / f"seed{seed}"
+  done = workdir / "results.json"
+  start = time.perf_counter()
+  if done.exists():            # a finished run: read back, not retrained
+    return (problem, row, seed), json.loads(done.read_text()), None
+  report = train.train_and_evaluate(_config(suite, problem, overrides, seed),
+                                    workdir)
+  return (problem, row, seed), report, time.perf_counter() - start
 
 
-def _ms(values, fmt="{:.2f}"):
-  v = 100 * np.asarray(values)
-  return f"{fmt.format(v.mean())} ± {fmt.format(v.std())}"
+def run_all(suite: str, seeds, workroot: pathlib.Path, only=None,
+            workers: int = 1):
+  tasks = [(suite, problem, row, overrides, seed, str(workroot))
+           for problem, rows in runs(suite).items()
+           if not only or problem in only
+           for row, overrides in rows.items() for seed in seeds]
+  results, reused = {}, 0
+  # Small models: one XLA thread per worker process, one process per core.
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                             " --xla_cpu_multi_thread_eigen=false"
+                             " intra_op_parallelism_threads=1").strip()
+  ctx = multiprocessing.get_context("spawn")
+  with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+    for (problem, row, seed), report, took in pool.map(_run_one, tasks):
+      results.setdefault(problem, {}).setdefault(row, {})[seed] = report
+      reused += took is None
+      print(f"{problem:34s} {row:44s} seed {seed}: test acc "
+            f"{report['test_accuracy_at_best_val']:.4f} "
+            f"({'read back' if took is None else f'{took:.1f} s'})",
+            flush=True)
+  results = {p: {r: [by_seed[s] for s in sorted(by_seed)]
+                 for r, by_seed in rows.items()}
+             for p, rows in results.items()}
+  return results, reused, len(tasks)
 
 
-def table(results) -> str:
+# ------------------------------------------------------ imbalance tables --
+
+def _ensemble(workroot: pathlib.Path, problem: str, rows, seeds) -> list[dict]:
+  """Late fusion of the modalities trained alone: mean of probabilities."""
+  out = []
+  for seed in seeds:
+    probs, labels = [], None
+    for row in rows:
+      z = np.load(workroot / problem / _slug(row) / f"seed{seed}" /
+                  "predictions.npz")
+      probs.append(np.exp(z["test_log_probs"]))
+      labels = z["test_labels"]
+    out.append({"test_accuracy_at_best_val": float(np.mean(
+        np.argmax(np.mean(probs, 0), -1) == labels))})
+  return out
+
+
+def _row_values(reports, fusion=None):
+  """(test acc at best val, test acc last, best epochs, warm-up epochs)."""
+  if fusion is None:
+    return ([r["test_accuracy_at_best_val"] for r in reports],
+            [r.get("test_accuracy_last", np.nan) for r in reports],
+            [r.get("best_epoch") for r in reports],
+            [r.get("warmup_epochs") for r in reports])
+  f = [r["fusion"][fusion] for r in reports]
+  return ([x["test_accuracy_at_best_val"] for x in f],
+          [x["test_accuracy_last"] for x in f],
+          [x["best_epoch"] for x in f], [r["warmup_epochs"] for r in reports])
+
+
+def _pm(values, signed=False):
+  v = 100 * np.asarray(values, np.float64)
+  if np.all(np.isnan(v)):
+    return "–"
+  return f"{v.mean():{'+' if signed else ''}.2f} ± {v.std():.2f}"
+
+
+def imbalance_rows(results, workroot, seeds):
+  """``{problem: {row: values}}`` including ensembles and fusion rows."""
+  table = {}
+  for problem, by_row in results.items():
+    alone = [r for r in by_row if r.endswith(" alone")]
+    rows = {r: _row_values(by_row[r]) for r in by_row}
+    ens = _ensemble(workroot, problem, alone, seeds)
+    rows["late-fusion ensemble of the alone models"] = (
+        [e["test_accuracy_at_best_val"] for e in ens], [np.nan] * len(ens),
+        [None] * len(ens), [None] * len(ens))
+    for name, (run, fusion) in FUSION_ROWS.items():
+      if run in by_row:
+        rows[name] = _row_values(by_row[run], fusion)
+    table[problem] = rows
+  return table
+
+
+def signature(results) -> dict[str, dict]:
+  """The imbalance signature per problem, over seeds (paired)."""
+  out = {}
+  for problem, by_row in results.items():
+    alone = {r.split()[0]: by_row[r] for r in by_row if r.endswith(" alone")}
+    best = {m: np.mean([r["test_accuracy_at_best_val"] for r in rs])
+            for m, rs in alone.items()}
+    strong = max(best, key=best.get)
+    concat = by_row["concat"]
+    gap = np.subtract([r["test_accuracy_at_best_val"] for r in concat],
+                      [r["test_accuracy_at_best_val"] for r in alone[strong]])
+    # The stronger modality's encoder, starved inside concat: its probe.
+    probe = np.subtract(
+        [r["probe_accuracy_at_best_val"][strong]["test"] for r in concat],
+        [r["probe_accuracy_at_best_val"][strong]["test"]
+         for r in alone[strong]])
+    out[problem] = {
+        "strong": strong, "concat_minus_strong_alone": gap,
+        "probe_inside_minus_alone": probe,
+        "holds": bool(np.all(gap < 0) and np.all(probe < 0))}
+  return out
+
+
+def imbalance_markdown(results, rows, sig) -> str:
+  lines = []
+  for problem, by_row in rows.items():
+    first = next(iter(results[problem].values()))[0]
+    uni = first["unimodal_bayes_accuracy"]
+    s = sig[problem]
+    lines += [f"### {problem}", "",
+              f"Bayes-optimal test accuracy {100 * first['bayes_accuracy']:.2f}%"
+              " (unimodal: " + ", ".join(f"{m} {100 * v:.2f}%"
+                                         for m, v in uni.items()) + ").",
+              f"Imbalance signature **{'holds' if s['holds'] else 'absent'}**: "
+              f"concat − {s['strong']} alone = "
+              f"{_pm(s['concat_minus_strong_alone'], True)} pts; linear probe "
+              f"of {s['strong']}'s encoder inside concat − alone = "
+              f"{_pm(s['probe_inside_minus_alone'], True)} pts (test, paired "
+              "over seeds; 'holds' = both negative for every seed).", "",
+              "| row | test acc % (best val) | Δ vs concat | Δ vs UR | "
+              "test acc % (last) | Δ last vs concat | Δ last vs UR | "
+              "selected in warm-up |",
+              "|---|---|---|---|---|---|---|---|"]
+    base, base_last = by_row["concat"][0], by_row["concat"][1]
+    ur, ur_last = by_row["UR"][0], by_row["UR"][1]
+    for name, (best, last, epochs, warm) in by_row.items():
+      in_warm = [e is not None and w is not None and e <= w
+                 for e, w in zip(epochs, warm)]
+      warm_txt = (f"{sum(in_warm)}/{len(in_warm)}"
+                  if epochs[0] is not None else "–")
+      lines.append(
+          f"| {name} | {_pm(best)} | {_pm(np.subtract(best, base), True)} | "
+          f"{_pm(np.subtract(best, ur), True)} | {_pm(last)} | "
+          f"{_pm(np.subtract(last, base_last), True)} | "
+          f"{_pm(np.subtract(last, ur_last), True)} | {warm_txt} |")
+    lines.append("")
+    arl_rows = [r for r in results[problem] if r.startswith("ARL")]
+    mods = sorted(first["unimodal_bayes_accuracy"])
+    lines += ["ARL's coefficients at the last epoch (train-epoch mean; the "
+              "encoder with the larger a_m is pushed harder), and the fitted "
+              "fusion weights at the selected epoch:", "",
+              "| run | " + " | ".join(f"a[{m}]" for m in mods) + " |",
+              "|---|" + "---|" * len(mods)]
+    for r in arl_rows:
+      reps = results[problem][r]
+      lines.append(f"| {r} | " + " | ".join(
+          f"{np.mean([x['a_last'][m] for x in reps]):.3f}" for m in mods)
+          + " |")
+    for name, (run, fusion) in FUSION_ROWS.items():
+      reps = results[problem].get(run)
+      if reps:
+        w = [x["fusion"][fusion]["weights_at_best_val"] for x in reps]
+        lines.append(f"| {name}: weights | " + " | ".join(
+            f"w {np.mean([x[m] for x in w]):.2f}" for m in mods) + " |")
+    lines.append("")
+    probes = [r for r in results[problem] if "probe_accuracy_at_best_val"
+              in results[problem][r][0]]
+    mods = sorted(first["unimodal_bayes_accuracy"])
+    lines += ["Linear probes of the frozen encoders (test accuracy %, best "
+              "validation epoch):", "",
+              "| run | " + " | ".join(mods) + " |",
+              "|---|" + "---|" * len(mods)]
+    for r in probes:
+      reps = results[problem][r]
+      lines.append(f"| {r} | " + " | ".join(
+          _pm([x["probe_accuracy_at_best_val"][m]["test"] for x in reps])
+          for m in mods) + " |")
+    lines.append("")
+  return "\n".join(lines)
+
+
+def plot_imbalance(rows, results, workroot, out: pathlib.Path):
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  from experiments import plots
+  names = list(rows)
+  fig, axes = plt.subplots(1, len(names), figsize=(4.6 * len(names), 4.6))
+  for ax, problem in zip(np.atleast_1d(axes), names):
+    by = rows[problem]
+    acc = [100 * np.asarray(v[0]) for v in by.values()]
+    colors = ["C2" if "alone" in r or "ensemble" in r else
+              "C1" if "fusion" in r else "C0" for r in by]
+    ax.barh(range(len(by)), [a.mean() for a in acc],
+            xerr=[a.std() for a in acc], color=colors, alpha=0.85)
+    bayes = next(iter(results[problem].values()))[0]["bayes_accuracy"]
+    ax.axvline(100 * bayes, color="k", ls="--", lw=1, label="Bayes")
+    ax.axvline(np.mean(by["UR"][0]) * 100, color="C3", lw=0.8, label="UR")
+    lo = min(a.mean() for a in acc)
+    ax.set_xlim(max(0, lo - 3), 100 * bayes + 2)
+    ax.set_yticks(range(len(by)))
+    ax.set_yticklabels(list(by), fontsize=7)
+    ax.invert_yaxis()
+    ax.set_title(problem, fontsize=9)
+    ax.set_xlabel("test accuracy % (best validation epoch)")
+    ax.legend(fontsize=7)
+  plots._save(fig, out / "compare_accuracy.png")
+  plot_estimators(results, workroot, out)
+
+
+def plot_estimators(results, workroot: pathlib.Path, out: pathlib.Path):
+  """Each estimator's q ratio over training against the quantity it targets
+  (top), and the coefficient a of the first modality it produces (bottom)."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  from experiments import plots
+  estimator_rows = [r for r in IMBALANCE_RUNS if r.startswith("ARL")]
+  names = list(results)
+  fig, axes = plt.subplots(2, len(names), figsize=(4.6 * len(names), 7.0),
+                           squeeze=False)
+  for col, problem in enumerate(names):
+    ax, ax_a = axes[0, col], axes[1, col]
+    mods = sorted(next(iter(results[problem].values()))[0][
+        "unimodal_bayes_accuracy"])
+    m, ref = mods[0], mods[-1]
+    for i, row in enumerate(estimator_rows):
+      path = workroot / problem / _slug(row) / "seed0" / "metrics.jsonl"
+      if not path.exists():
+        continue
+      hist = [json.loads(l) for l in path.read_text().splitlines()]
+      ep = [h["epoch"] for h in hist]
+      label = row.removeprefix("ARL ").strip("()")
+      ax.plot(ep, [h["q"][m] / h["q"][ref] for h in hist], color=f"C{i}",
+              label=label)
+      if "test_true_class_variance" in hist[0]:
+        v = [h["test_true_class_variance"] for h in hist]
+        ax.plot(ep, [x[ref] / x[m] for x in v], color=f"C{i}", ls=":",
+                lw=1)
+      ax_a.plot(ep, [h["a"][m] for h in hist], color=f"C{i}", label=label)
+    bayes = next(iter(results[problem].values()))[0].get(
+        "bayes_true_class_variance")
+    if bayes:
+      ax.axhline(bayes[ref] / bayes[m], color="k", ls="--", lw=1,
+                 label="Bayes posteriors")
+    ax.axhline(1.0, color="grey", lw=0.5)
+    ax.set_yscale("log")
+    ax.set_ylabel(f"q[{m}] / q[{ref}]")
+    ax.set_title(f"{problem} (seed 0)", fontsize=9)
+    ax.legend(fontsize=6)
+    ax_a.axhline(1.0 / len(mods), color="grey", lw=0.5)
+    ax_a.set_xlabel("epoch")
+    ax_a.set_ylabel(f"a[{m}] (epoch mean)")
+    ax_a.set_ylim(0, 1)
+  fig.suptitle("top: estimated inverse-variance ratio (solid) vs the same "
+               "model's true-class-probability variance ratio on the test "
+               "split (dotted, diagnostic only); bottom: ARL's coefficient",
+               fontsize=8)
+  plots._save(fig, out / "estimators.png")
+
+
+# ------------------------------------------------------- balanced tables --
+
+def balanced_markdown(results) -> str:
   lines = []
   for name, by_method in results.items():
     first = next(iter(by_method.values()))[0]
@@ -105,107 +425,90 @@ def table(results) -> str:
       lines += [f"Bayes-optimal test accuracy {100 * bayes:.2f}% (unimodal: "
                 + ", ".join(f"{m} {100 * v:.2f}%" for m, v in uni.items())
                 + ").", ""]
-    head = "| method | test acc % (best val) | macro-F1 % | test acc % (last) |"
-    sep = "|---|---|---|---|"
-    if bayes is not None:
-      head += " gap to Bayes (pts) |"
-      sep += "---|"
-    head += " dependency ratio (final) | inverse-variance ratio (final) |"
-    sep += "---|---|"
-    lines += [head, sep]
+    lines += ["| method | test acc % (best val) | macro-F1 % | test acc % "
+              "(last) | Δ vs concat | dependency ratio (final) | "
+              "inverse-variance ratio (final) |",
+              "|---|---|---|---|---|---|---|"]
+    base = [r["test_accuracy_at_best_val"] for r in by_method["concat"]]
     for method, reports in by_method.items():
       acc = [r["test_accuracy_at_best_val"] for r in reports]
-      row = (f"| {method} | {_ms(acc)} | "
-             f"{_ms([r['test_macro_f1_at_best_val'] for r in reports])} | "
-             f"{_ms([r['test_accuracy_last'] for r in reports])} |")
-      if bayes is not None:
-        row += f" {100 * (bayes - np.mean(acc)):.2f} |"
       dep = reports[0]["dependency_ratio_last"]
       ratio = lambda key, m, reports=reports: np.mean([r[key][m]
                                                        for r in reports])
-      row += (" " + ", ".join(f"{m}: {ratio('dependency_ratio_last', m):.2f}"
-                              for m in dep) + " | "
-              + ", ".join(f"{m}: {ratio('inverse_variance_ratio_last', m):.2f}"
-                          for m in dep) + " |")
-      lines.append(row)
+      lines.append(
+          f"| {method} | {_pm(acc)} | "
+          f"{_pm([r['test_macro_f1_at_best_val'] for r in reports])} | "
+          f"{_pm([r['test_accuracy_last'] for r in reports])} | "
+          f"{_pm(np.subtract(acc, base), True)} | "
+          + ", ".join(f"{m}: {ratio('dependency_ratio_last', m):.2f}"
+                      for m in dep) + " | "
+          + ", ".join(f"{m}: {ratio('inverse_variance_ratio_last', m):.2f}"
+                      for m in dep) + " |")
     lines.append("")
   return "\n".join(lines)
 
 
-def plot(results, out: pathlib.Path, workroot: pathlib.Path):
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  names = list(results)
-  fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 3.8))
-  for ax, name in zip(np.atleast_1d(axes), names):
-    by = results[name]
-    acc = [100 * np.array([r["test_accuracy_at_best_val"] for r in by[m]])
-           for m in by]
-    ax.bar(range(len(by)), [a.mean() for a in acc],
-           yerr=[a.std() for a in acc], color="C0", alpha=0.8)
-    bayes = next(iter(by.values()))[0].get("bayes_accuracy")
-    if bayes is not None:
-      ax.axhline(100 * bayes, color="k", ls="--", lw=1, label="Bayes")
-      ax.legend(fontsize=7)
-    lo = min(a.mean() - a.std() for a in acc)
-    ax.set_ylim(max(0, lo - 5), None)
-    ax.set_xticks(range(len(by)))
-    ax.set_xticklabels(list(by), rotation=60, ha="right", fontsize=7)
-    ax.set_title(name, fontsize=8)
-    ax.set_ylabel("test accuracy % (best val epoch)")
-  from experiments import plots
-  plots._save(fig, out / "compare_accuracy.png")
-  # Fig. 3 view and coefficients of ARL, seed 0, each setting.
-  for name in names:
-    wd = workroot / name / "arl" / "seed0"
-    path = wd / "metrics.jsonl"
-    if path.exists():
-      history = [json.loads(l) for l in path.read_text().splitlines()]
-      for p in plots.plot_run(history, wd, title=f"{name} / arl / seed 0"):
-        (out / f"{name}_{p.name}").write_bytes(p.read_bytes())
-
-
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--seeds", type=int, default=3)
-  parser.add_argument("--workroot", default=str(ROOT / "workdirs" / "compare"))
+  parser.add_argument("--suite", choices=("imbalance", "balanced"),
+                      default="imbalance")
+  parser.add_argument("--seeds", type=int, default=None,
+                      help="default: 5 (imbalance), 3 (balanced)")
+  parser.add_argument("--workroot", default=None)
   parser.add_argument("--out", default=str(OUT))
   parser.add_argument("--only", nargs="*", default=None)
+  parser.add_argument("--workers", type=int,
+                      default=min(2, os.cpu_count() or 1))
   args = parser.parse_args(argv)
+  seeds = range(args.seeds or (5 if args.suite == "imbalance" else 3))
+  workroot = pathlib.Path(args.workroot or ROOT / "workdirs" / "compare" /
+                          args.suite)
   import jax
-  workroot = pathlib.Path(args.workroot)
-  # Seeds of one setting compile to the same program: reuse it across runs.
-  jax.config.update("jax_compilation_cache_dir", str(workroot / ".jax_cache"))
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-  from absl import logging
-  logging.set_verbosity(logging.WARNING)
   start = time.perf_counter()
-  results, reused = run_all(range(args.seeds), workroot, args.only)
-  runs = sum(len(v) for by_method in results.values() for v in by_method.values())
+  results, reused, total = run_all(args.suite, seeds, workroot, args.only,
+                                   args.workers)
   shown = (os.path.relpath(workroot) if workroot.is_absolute()
            else str(workroot))
-  reuse_note = (f" ({len(reused)} of {runs} runs read back from finished "
-                f"runs in {shown}; delete it to train them again)"
-                if reused else "")
+  reuse_note = (f" ({reused} of {total} runs read back from finished runs in "
+                f"{shown}; delete it to train them again)" if reused else "")
   out = pathlib.Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
-  elapsed = time.perf_counter() - start
-  md = ("# Offline comparison of balancing methods\n\n"
-        f"- command: `python -m experiments.compare --seeds {args.seeds}` "
-        "(README command 1: `make run`)\n"
-        f"- machine: {platform.machine()}, {os.cpu_count()} cores, Python "
-        f"{platform.python_version()}, jax {jax.__version__}, backend "
-        f"{jax.default_backend()}; {elapsed / 60:.1f} min in all"
-        f"{reuse_note}\n"
-        f"- {args.seeds} seeds per cell (mean ± std); model selection on the "
-        "validation split only; 'last' is the final epoch. Dependency ratio "
-        "s_m / s_ref and inverse-variance ratio q_m / q_ref (ref: the last "
-        "modality) are train-epoch means at the final epoch.\n\n"
-        + table(results))
-  (out / "compare.md").write_text(md)
-  (out / "compare.json").write_text(json.dumps(results, indent=1))
-  plot(results, out, workroot)
+  header = (f"- command: `python -m experiments.compare --suite {args.suite} "
+            f"--seeds {len(seeds)}`"
+            + (" (README command 1: `make run`)" if args.suite == "imbalance"
+               else "") + "\n"
+            f"- machine: {platform.machine()}, {os.cpu_count()} cores, Python "
+            f"{platform.python_version()}, jax {jax.__version__}, backend "
+            f"{jax.default_backend()}, {args.workers} worker processes; "
+            f"{(time.perf_counter() - start) / 60:.1f} min in all"
+            f"{reuse_note}\n")
+  if args.suite == "imbalance":
+    rows = imbalance_rows(results, workroot, seeds)
+    sig = signature(results)
+    md = ("# Balancing methods where modality imbalance happens\n\n" + header +
+          f"- {len(seeds)} seeds per row (mean ± std); Δ columns are paired "
+          "differences over seeds (same initialisation and batch order), in "
+          "points; model selection on the validation split only, 'last' is "
+          "the final epoch; 'selected in warm-up' counts seeds whose "
+          "selected epoch lies in the warm-up, where ARL and UR are the same "
+          "computation. 10% of the training rows are held out from gradients "
+          "for every row; the held-out estimators and the fusion weights read "
+          "them (never the test split).\n\n"
+          + imbalance_markdown(results, rows, sig))
+    stem = "compare"
+    plot_imbalance(rows, results, workroot, out)
+    payload = {"runs": results, "signature": {
+        p: {k: (v.tolist() if isinstance(v, np.ndarray) else v)
+            for k, v in s.items()} for p, s in sig.items()}}
+  else:
+    md = ("# Offline comparison on problems without imbalance\n\n" + header +
+          f"- {len(seeds)} seeds per cell (mean ± std); model selection on "
+          "the validation split only; 'last' is the final epoch.\n\n"
+          + balanced_markdown(results))
+    stem = "compare_balanced"
+    payload = results
+  (out / f"{stem}.md").write_text(md)
+  (out / f"{stem}.json").write_text(json.dumps(payload, indent=1))
   print(md)
 
 

@@ -28,11 +28,14 @@ import orbax.checkpoint as ocp
 
 import arl_jax
 from arl_jax import data as data_lib
+from arl_jax import fusion_weighting
 from arl_jax import models
+from experiments import diagnostics
 from experiments.configs import default as default_config
 
 AV_SOURCES = ("crema_d", "kinetics_sounds", "ave")
-SOURCES = ("synthetic", "uci") + AV_SOURCES
+IN_MEMORY_SOURCES = ("synthetic", "imbalanced", "uci")
+SOURCES = IN_MEMORY_SOURCES + AV_SOURCES
 FREE_FORM = {("data", "noise")}      # dict-valued fields whose keys are data
 
 
@@ -63,6 +66,21 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if config.data.source not in SOURCES:
     raise ConfigError(f"unknown data source {config.data.source!r}; known: "
                       f"{list(SOURCES)}.")
+  c = config.data
+  if c.source == "imbalanced" and c.setting not in data_lib.IMBALANCE_SETTINGS:
+    raise ConfigError(f"config.data.setting must be one of "
+                      f"{sorted(data_lib.IMBALANCE_SETTINGS)}; got {c.setting!r}.")
+  if not 0.0 <= c.heldout_fraction < 0.5:
+    raise ConfigError("config.data.heldout_fraction must be in [0, 0.5); got "
+                      f"{c.heldout_fraction}.")
+  if c.source not in IN_MEMORY_SOURCES and (
+      c.heldout_fraction or c.only_modality or config.diagnostics.linear_probe):
+    raise ConfigError("data.heldout_fraction, data.only_modality and "
+                      "diagnostics.linear_probe are implemented for the "
+                      f"in-memory sources {list(IN_MEMORY_SOURCES)} only.")
+  if c.only_modality and c.only_modality not in _source_modalities(config):
+    raise ConfigError(f"config.data.only_modality {c.only_modality!r} is not "
+                      f"one of {_source_modalities(config)}.")
   if config.data.source in AV_SOURCES:
     if not config.data.path:
       raise ConfigError(f"config.data.path is required for "
@@ -85,7 +103,22 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if config.model.dtype not in ("float32", "bfloat16"):
     raise ConfigError(f"config.model.dtype must be float32 or bfloat16; got "
                       f"{config.model.dtype!r}.")
-  make_method(config)   # method-specific checks (temperature > 0, ...)
+  method = make_method(config)   # method-specific checks (T > 0, ...)
+  if method.needs_heldout and not c.heldout_fraction > 0:
+    raise ConfigError(f"method {config.method.name!r} with these fields needs "
+                      "held-out rows: set config.data.heldout_fraction (e.g. "
+                      "0.1).")
+
+
+def _source_modalities(config) -> list[str]:
+  c = config.data
+  if c.source == "synthetic":
+    return sorted(c.noise)
+  if c.source == "imbalanced":
+    return sorted(data_lib.IMBALANCE_SETTINGS.get(c.setting, {}))
+  if c.source == "uci":
+    return sorted(c.views)
+  return ["audio", "visual"]
 
 
 def make_method(config) -> arl_jax.Method:
@@ -119,34 +152,91 @@ class Data:
   # Traced into the jitted steps: (batch, rng) -> batch and batch -> batch.
   train_transform: Callable | None = None
   eval_transform: Callable | None = None
+  # In-memory sources: the arrays (linear probes) and the held-out slice of
+  # the training rows (never trained on; ARL's held-out estimators and the
+  # fusion weights read it).
+  splits: dict | None = None
+  heldout: tuple | None = None
 
 
-def load_data(config, workdir: pathlib.Path) -> Data:
+@functools.lru_cache(maxsize=4)
+def _imbalanced(setting, num_classes, sizes, seed):
+  # Cached: a comparison trains many runs on one problem in one process.
+  return data_lib.make_imbalanced(setting, num_classes=num_classes,
+                                  sizes=sizes, seed=seed)
+
+
+def _split_heldout(x, y, fraction: float, seed: int):
+  """The last ``fraction`` of a seeded permutation of the training rows."""
+  n = len(y)
+  order = np.random.default_rng([seed, 7]).permutation(n)
+  k = int(round(fraction * n))
+  keep, held = np.sort(order[:n - k]), np.sort(order[n - k:])
+  take = lambda idx: ({m: v[idx] for m, v in x.items()}, y[idx])
+  return take(keep), take(held)
+
+
+def _with_heldout(batches, heldout, batch_size: int, seed: int, epoch: int):
+  """Attaches a batch of held-out rows to every training batch (cycling)."""
+  hx, hy = heldout
+  stream = (b for e in range(1 << 30) for b in data_lib.iterate_batches(
+      hx, hy, batch_size, shuffle=True, seed=seed + 1, epoch=epoch * 1000 + e,
+      drop_last=len(hy) >= batch_size))
+  for batch in batches:
+    yield {**batch, "heldout": next(stream)}
+
+
+def load_data(config, workdir: pathlib.Path, *, attach_heldout: bool = False
+              ) -> Data:
   c = config.data
-  if c.source in ("synthetic", "uci"):
+  if c.source in IN_MEMORY_SOURCES:
     extra = {}
-    if c.source == "synthetic":
-      problem = data_lib.make_linear_gaussian(
-          dict(c.noise), num_classes=c.num_classes, dim=c.dim,
-          sizes=tuple(c.sizes), seed=c.split_seed, nonlinear=c.nonlinear)
-      splits, num_classes = problem.splits, problem.num_classes
+    if c.source in ("synthetic", "imbalanced"):
+      if c.source == "synthetic":
+        problem = data_lib.make_linear_gaussian(
+            dict(c.noise), num_classes=c.num_classes, dim=c.dim,
+            sizes=tuple(c.sizes), seed=c.split_seed, nonlinear=c.nonlinear)
+      else:
+        problem = _imbalanced(c.setting, c.num_classes, tuple(c.sizes),
+                              c.split_seed)
+      splits, num_classes = dict(problem.splits), problem.num_classes
       extra = {"bayes_accuracy": problem.bayes_accuracy,
                "unimodal_bayes_accuracy": dict(problem.unimodal_bayes_accuracy)}
+      if problem.bayes_true_class_variance is not None:
+        extra["bayes_true_class_variance"] = dict(
+            problem.bayes_true_class_variance)
     else:
       d = data_lib.load_uci_multifeature(tuple(c.views), seed=c.split_seed)
-      splits, num_classes = d.splits, d.num_classes
+      splits, num_classes = dict(d.splits), d.num_classes
+    if c.only_modality:
+      # One modality trained alone: the same model with every other input
+      # zeroed (their encoders see a constant).
+      splits = {k: ({m: v if m == c.only_modality else np.zeros_like(v)
+                     for m, v in x.items()}, y) for k, (x, y) in splits.items()}
+      extra["only_modality"] = c.only_modality
+    heldout = None
+    if c.heldout_fraction > 0:
+      splits["train"], heldout = _split_heldout(
+          *splits["train"], c.heldout_fraction, c.split_seed)
     x, y = splits["train"]
     bs = config.batch_size
+
+    def train(epoch):
+      batches = data_lib.iterate_batches(x, y, bs, shuffle=True,
+                                         seed=config.seed, epoch=epoch,
+                                         drop_last=True)
+      if attach_heldout:
+        batches = _with_heldout(batches, heldout, bs, config.seed, epoch)
+      return batches
+
     return Data(
-        modalities=tuple(x), num_classes=num_classes,
-        example={m: v[:2] for m, v in x.items()},
-        train=lambda epoch: data_lib.iterate_batches(
-            x, y, bs, shuffle=True, seed=config.seed, epoch=epoch,
-            drop_last=True),
+        modalities=tuple(sorted(x)), num_classes=num_classes,
+        example={m: v[:2] for m, v in x.items()}, train=train,
         evaluate={s: functools.partial(data_lib.iterate_batches, *splits[s],
                                        config.eval_batch_size)
                   for s in ("validation", "test")},
-        steps_per_epoch=len(y) // bs, extra=extra)
+        steps_per_epoch=len(y) // bs, extra=extra, splits=splits,
+        heldout=heldout)
   kwargs = {"config": "actor_disjoint"} if (
       c.source == "crema_d" and c.actor_disjoint) else {}
   prepared = pathlib.Path(c.prepared_dir or workdir / "data")
@@ -243,10 +333,13 @@ def macro_f1(predictions: np.ndarray, labels: np.ndarray, num_classes: int
   return float(np.mean(f1)) if f1 else 0.0
 
 
-def evaluate(eval_step, state, batches, num_classes) -> dict:
+def evaluate(eval_step, state, batches, num_classes, *, logits: bool = False
+             ) -> dict:
+  """Exact metrics of a split (every row once); ``log_probs`` per row, and
+  with ``logits`` the fused and unimodal logits too."""
   correct = count = 0.0
   uni: dict[str, float] = {}
-  preds, labels = [], []
+  preds, labels, log_probs, fused, unimodal = [], [], [], [], []
   for batch in batches():
     out = jax.device_get(eval_step(state, batch))
     correct += float(out["correct"])
@@ -256,10 +349,23 @@ def evaluate(eval_step, state, batches, num_classes) -> dict:
     valid = np.asarray(out["valid"])
     preds.append(np.asarray(out["predictions"])[valid])
     labels.append(np.asarray(batch["labels"])[valid])
+    f = np.asarray(out["fused_logits"])[valid]
+    log_probs.append(f - np.logaddexp.reduce(f, axis=-1, keepdims=True))
+    if logits:
+      fused.append(f)
+      unimodal.append({m: np.asarray(v)[valid]
+                       for m, v in out["unimodal_logits"].items()})
   p, y = np.concatenate(preds), np.concatenate(labels)
-  return {"accuracy": correct / max(count, 1.0),
-          "macro_f1": macro_f1(p, y, num_classes), "count": int(count),
-          "unimodal_accuracy": {m: v / max(count, 1.0) for m, v in uni.items()}}
+  result = {"accuracy": correct / max(count, 1.0),
+            "macro_f1": macro_f1(p, y, num_classes), "count": int(count),
+            "unimodal_accuracy": {m: v / max(count, 1.0)
+                                  for m, v in uni.items()},
+            "log_probs": np.concatenate(log_probs), "labels": y}
+  if logits:
+    result["fused_logits"] = np.concatenate(fused)
+    result["unimodal_logits"] = {m: np.concatenate([u[m] for u in unimodal])
+                                 for m in unimodal[0]}
+  return result
 
 
 def encoder_distance(initial, final, modalities) -> dict[str, float]:
@@ -274,8 +380,9 @@ def encoder_distance(initial, final, modalities) -> dict[str, float]:
 
 
 def _mean_metrics(history: list[dict]) -> dict:
-  host = jax.device_get(history)
-  return jax.tree.map(lambda *xs: float(np.mean(xs)), *host)
+  # Stacked on the device first: one transfer per metric, not per step.
+  stacked = jax.device_get(jax.tree.map(lambda *xs: jnp.stack(xs), *history))
+  return jax.tree.map(lambda x: float(np.mean(x)), stacked)
 
 
 def epoch_record(epoch, train, val, test, lr, modalities) -> dict:
@@ -299,6 +406,53 @@ def epoch_record(epoch, train, val, test, lr, modalities) -> dict:
 
 
 # -------------------------------------------------------------- resumption --
+
+def _weighted_evaluation(eval_step, state, data: Data, val: dict,
+                         test: dict) -> dict:
+  """Validation/test accuracy with fusion weights fitted on held-out rows.
+
+  ``val`` and ``test`` are this epoch's evaluations with their logits; the
+  weighted fused prediction is recomputed from them, not from the model.
+  """
+  hx, hy = data.heldout
+  held = evaluate(eval_step, state, functools.partial(
+      data_lib.iterate_batches, hx, hy, 1024), data.num_classes, logits=True)
+  weightings = diagnostics.fusion_weightings(held["fused_logits"],
+                                             held["unimodal_logits"],
+                                             held["labels"])
+  out = {}
+  for name, weights in weightings.items():
+    acc = {}
+    for split, r in (("val", val), ("test", test)):
+      # p_0 + sum_m w_m (p_m - p_0), p_0 = (sum_m p_m - p_f) / (K - 1), on
+      # the host (arl_jax.fusion_weighting.weighted_fusion_logits on device).
+      uni = r["unimodal_logits"]
+      bias = (sum(uni.values()) - r["fused_logits"]) / (len(uni) - 1)
+      fused = bias + sum(weights[m] * (z - bias) for m, z in uni.items())
+      acc[split] = float(np.mean(np.argmax(fused, -1) == r["labels"]))
+    out[name] = {"weights": weights, "val_accuracy": acc["val"],
+                 "test_accuracy": acc["test"]}
+  return out
+
+
+def _true_class_variance(r: dict) -> dict[str, float]:
+  out = {}
+  for m, z in r["unimodal_logits"].items():
+    logp = z - np.logaddexp.reduce(z, axis=-1, keepdims=True)
+    out[m] = float(np.var(np.exp(logp[np.arange(len(r["labels"])),
+                                      r["labels"]])))
+  return out
+
+
+def _save_predictions(workdir: pathlib.Path, val: dict, test: dict) -> None:
+  """Validation and test log-probabilities of the best-validation epoch
+  (late-fusion ensembles of runs are built from these)."""
+  tmp = workdir / "predictions.tmp.npz"
+  np.savez(tmp, **{f"{split}_{k}": r[k] for split, r in
+                   (("validation", val), ("test", test))
+                   for k in ("log_probs", "labels")})
+  tmp.replace(workdir / "predictions.npz")
+
 
 def _config_json(config) -> str:
   c = ml_collections.ConfigDict(config.to_dict())
@@ -363,8 +517,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   workdir = pathlib.Path(workdir)
   if workdir.exists():
     _check_workdir(config, workdir)
-  data = load_data(config, workdir)
   method = make_method(config)
+  data = load_data(config, workdir, attach_heldout=method.needs_heldout)
   workdir.mkdir(parents=True, exist_ok=True)
   (workdir / "config.json").write_text(_config_json(config))
 
@@ -376,7 +530,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   initial_params = jax.device_get(params)
   state = arl_jax.TrainState.create(params=params, tx=tx,
                                     model_state=model_state,
-                                    rng=jax.random.PRNGKey(config.seed + 1))
+                                    rng=jax.random.PRNGKey(config.seed + 1),
+                                    method=method, modalities=data.modalities)
   apply_fn = models.make_apply_fn(model)
   train_step = jax.jit(arl_jax.make_train_step(
       apply_fn, tx, method,
@@ -385,6 +540,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       check_tx=config.optim.check_scales), donate_argnums=0)
   eval_step = jax.jit(arl_jax.make_eval_step(
       apply_fn, batch_transform=data.eval_transform))
+  weigh_fusion = (data.heldout is not None
+                  and config.model.fusion in fusion_weighting.ADDITIVE_FUSIONS)
+  features = None
+  if config.diagnostics.linear_probe:
+    features = jax.jit(lambda st, x: model.apply(
+        {"params": st.params, **st.model_state}, x, train=False,
+        features_only=True))
 
   manager = ocp.CheckpointManager(
       (workdir / "checkpoints").absolute(),
@@ -415,13 +577,28 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       progress.step(metrics, i)
     train = _mean_metrics(step_metrics)
     val = evaluate(eval_step, state, data.evaluate["validation"],
-                   data.num_classes)
-    test = evaluate(eval_step, state, data.evaluate["test"], data.num_classes)
+                   data.num_classes, logits=weigh_fusion)
+    test = evaluate(eval_step, state, data.evaluate["test"], data.num_classes,
+                    logits=weigh_fusion)
     record = epoch_record(epoch, train, val, test,
                           schedule(int(state.step) - 1), data.modalities)
-    record["time_s"] = time.perf_counter() - start
-    if val["accuracy"] > meta["best_val"]:
+    new_best = val["accuracy"] > meta["best_val"]
+    if features is not None and (new_best or epoch == config.num_epochs):
+      # Only where it is reported: the selected epoch and the last one.
+      record["probe_accuracy"] = diagnostics.linear_probe_accuracy(
+          functools.partial(features, state), data.splits, data.num_classes,
+          data.modalities)
+    if weigh_fusion:
+      record["fusion"] = _weighted_evaluation(eval_step, state, data, val,
+                                              test)
+      # The quantity ARL's estimators target, measured on the (large) test
+      # split: a diagnostic of the estimators only, never used in training
+      # or selection.
+      record["test_true_class_variance"] = _true_class_variance(test)
+    if new_best:
       meta.update(best_val=val["accuracy"], best_epoch=epoch)
+      _save_predictions(workdir, val, test)
+    record["time_s"] = time.perf_counter() - start
     meta["epoch"] = epoch
     history.append(record)
     with open(history_path, "a") as f:
@@ -439,6 +616,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       "method": config.method.name, "source": config.data.source,
       "seed": config.seed, "epochs": config.num_epochs,
       "best_epoch": meta["best_epoch"],
+      "best_epoch_in_warmup": meta["best_epoch"] <= config.warmup_epochs,
+      "warmup_epochs": config.warmup_epochs,
       "val_accuracy_at_best": best["val_accuracy"],
       "test_accuracy_at_best_val": best["test_accuracy"],
       "test_macro_f1_at_best_val": best["test_macro_f1"],
@@ -451,6 +630,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
                                            data.modalities),
       **data.extra,
   }
+  if "probe_accuracy" in best:
+    report["probe_accuracy_at_best_val"] = best["probe_accuracy"]
+    report["probe_accuracy_last"] = last["probe_accuracy"]
+  if "fusion" in best:
+    report["fusion"] = {}
+    for name in last["fusion"]:
+      # Each weighting selects its own epoch, on validation only.
+      sel = max(history, key=lambda h, n=name: (h["fusion"][n]["val_accuracy"],
+                                                -h["epoch"]))
+      report["fusion"][name] = {
+          "best_epoch": sel["epoch"],
+          "test_accuracy_at_best_val": sel["fusion"][name]["test_accuracy"],
+          "test_accuracy_last": last["fusion"][name]["test_accuracy"],
+          "weights_at_best_val": sel["fusion"][name]["weights"]}
   (workdir / "results.json").write_text(json.dumps(report, indent=1))
   if config.plots:
     from experiments import plots

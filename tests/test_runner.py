@@ -201,8 +201,8 @@ def test_sigkill_and_resume_gives_identical_results(tmp_path):
       "from test_runner import tiny_synthetic\n"
       "from experiments import train\n"
       "load = train.load_data\n"
-      "def load_and_die(config, workdir):\n"
-      "  data = load(config, workdir)\n"
+      "def load_and_die(config, workdir, **kwargs):\n"
+      "  data = load(config, workdir, **kwargs)\n"
       "  epoch_batches = data.train\n"
       "  def train_batches(epoch):\n"
       "    for i, batch in enumerate(epoch_batches(epoch)):\n"
@@ -242,3 +242,69 @@ def test_workdir_of_another_config_is_refused_and_kept(tmp_path):
     train.train_and_evaluate(other, run)
   after = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
   assert before == after
+
+
+# ------------------------------------------------ imbalance diagnostics --
+
+def tiny_imbalance(**overrides):
+  from experiments.configs import imbalance
+  c = imbalance.get_config()
+  c.data.sizes = (512, 256, 512)
+  c.num_epochs, c.warmup_epochs, c.optim.decay_epochs = 2, 1, (2,)
+  c.progress, c.plots = "none", False
+  for k, v in overrides.items():
+    node = c
+    *path, last = k.split(".")
+    for p in path:
+      node = node[p]
+    node[last] = v
+  return c
+
+
+def test_imbalance_run_reports_probes_fusion_weights_and_predictions(tmp_path):
+  c = tiny_imbalance(**{"method.name": "arl",
+                        "method.estimator": "heldout_variance",
+                        "method.ema": 0.9})
+  report = train.train_and_evaluate(c, tmp_path / "arl")
+  history = [json.loads(l) for l in
+             (tmp_path / "arl" / "metrics.jsonl").read_text().splitlines()]
+  # Probes at the selected and the last epoch, for every modality.
+  assert set(report["probe_accuracy_at_best_val"]) == {"a", "b"}
+  assert 0.2 < report["probe_accuracy_last"]["b"]["test"] <= 1.0
+  for name in ("inverse_variance", "calibrated"):
+    f = report["fusion"][name]
+    assert 1 <= f["best_epoch"] <= 2 and set(f["weights_at_best_val"]) == {
+        "a", "b"}
+    # Its own selection on validation: the epoch with the best weighted val.
+    vals = [h["fusion"][name]["val_accuracy"] for h in history]
+    assert f["best_epoch"] == 1 + int(np.argmax(vals))
+  assert set(history[-1]["test_true_class_variance"]) == {"a", "b"}
+  z = np.load(tmp_path / "arl" / "predictions.npz")
+  assert z["test_log_probs"].shape == (512, 4)
+  np.testing.assert_allclose(np.exp(z["test_log_probs"]).sum(-1), 1.0,
+                             rtol=1e-5)
+  assert report["bayes_true_class_variance"]["a"] > 0
+
+
+def test_one_modality_alone_zeroes_the_others(tmp_path):
+  report = train.train_and_evaluate(
+      tiny_imbalance(**{"method.name": "concat", "data.only_modality": "b"}),
+      tmp_path / "alone")
+  assert report["only_modality"] == "b"
+  # The zeroed modality's encoder learns nothing about the labels.
+  assert report["probe_accuracy_last"]["a"]["test"] < 0.35
+
+
+@pytest.mark.parametrize("overrides,match", [
+    ({"method.name": "arl", "method.estimator": "heldout_entropy",
+      "data.heldout_fraction": 0.0}, "needs held-out rows"),
+    ({"method.name": "arl", "method.estimator": "entropy"},
+     "unknown estimator"),
+    ({"data.only_modality": "z"}, "only_modality 'z' is not one of"),
+    ({"data.setting": "nope"}, "data.setting must be one of"),
+    ({"data.heldout_fraction": 0.7}, r"heldout_fraction must be in \[0, 0.5\)"),
+])
+def test_bad_imbalance_configs_fail_before_training(overrides, match, tmp_path):
+  with pytest.raises(train.ConfigError, match=match):
+    train.train_and_evaluate(tiny_imbalance(**overrides), tmp_path / "run")
+  assert not (tmp_path / "run").exists()

@@ -2,6 +2,9 @@
 
 * :func:`make_linear_gaussian`: synthetic K-modality problems with a known
   Bayes-optimal accuracy (linear-Gaussian, or through a non-linear bijection).
+* :func:`make_imbalanced`: synthetic problems where modality imbalance
+  happens (a memorisable code against a slower, stronger one), with exact
+  Bayes accuracies.
 * :func:`load_uci_multifeature`: the UCI Multiple Features digits, six views.
 * :func:`prepare` / :func:`load_prepared` / :func:`av_batches`: TFDS builders
   for CREMA-D, Kinetics-Sounds and AVE from local files, and their grain
@@ -16,13 +19,18 @@ from arl_jax.data.av_datasets import prepare
 from arl_jax.data.av_pipeline import batches as av_batches
 from arl_jax.data.batching import iterate_batches
 from arl_jax.data.device_augment import FrameAugmentation
+from arl_jax.data.synthetic import IMBALANCE_SETTINGS
+from arl_jax.data.synthetic import ModalitySpec
 from arl_jax.data.synthetic import SyntheticProblem
+from arl_jax.data.synthetic import make_imbalanced
 from arl_jax.data.synthetic import make_linear_gaussian
 from arl_jax.data.uci_multifeature import MultiViewData
 from arl_jax.data.uci_multifeature import load_uci_multifeature
 
 __all__ = [
     "DataError",
+    "IMBALANCE_SETTINGS",
+    "ModalitySpec",
     "FrameAugmentation",
     "MultiViewData",
     "SyntheticProblem",
@@ -31,6 +39,7 @@ __all__ = [
     "iterate_batches",
     "load_prepared",
     "load_uci_multifeature",
+    "make_imbalanced",
     "make_linear_gaussian",
     "prepare",
 ]

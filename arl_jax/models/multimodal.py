@@ -62,12 +62,15 @@ class MultimodalClassifier(nn.Module):
 
   @nn.compact
   def __call__(self, inputs: Mapping[str, jax.Array], train: bool = False,
-               fused_only: bool = False):
-    """Returns ``(fused, {m: unimodal})``, or only ``fused`` if ``fused_only``."""
+               fused_only: bool = False, features_only: bool = False):
+    """Returns ``(fused, {m: unimodal})``; only ``fused`` if ``fused_only``;
+    the encoders' ``{m: features}`` if ``features_only`` (linear probes)."""
     self.check_inputs(inputs)
     names = tuple(self.encoders)
     features = {m: self.encoders[m].clone(parent=self, name=m)(inputs[m], train)
                 for m in names}
+    if features_only:
+      return features
     if fused_only:
       return self.head(features)
     return fused_and_unimodal_logits(self.head, features)

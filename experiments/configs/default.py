@@ -19,6 +19,12 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.path = ""                   # local copy of an audio-visual data set
   c.data.prepared_dir = ""           # where TFDS writes it (default: workdir/data)
   c.data.noise = {"audio": 1.0, "visual": 2.5}   # synthetic: sigma per modality
+  c.data.setting = "memorise_vs_parity"   # imbalanced: data.IMBALANCE_SETTINGS
+  # In-memory sources: train one modality alone (the others' inputs zeroed).
+  c.data.only_modality = ""
+  # In-memory sources: a slice of the training rows held out from gradients,
+  # read by ARL's held-out estimators and the fusion weights (never test).
+  c.data.heldout_fraction = 0.0
   c.data.nonlinear = False
   c.data.num_classes = 6
   c.data.dim = 8
@@ -48,6 +54,12 @@ def get_config() -> ml_collections.ConfigDict:
   c.method.warmup_gamma = ml_collections.config_dict.placeholder(float)
   c.method.temperature = ml_collections.config_dict.placeholder(float)
   c.method.alpha = ml_collections.config_dict.placeholder(float)
+  # ARL's variance estimator: train_entropy (Eq. 17, the paper) |
+  # heldout_entropy | heldout_variance; ema: decay over steps (0: none);
+  # dependency: train | heldout.
+  c.method.estimator = ml_collections.config_dict.placeholder(str)
+  c.method.ema = ml_collections.config_dict.placeholder(float)
+  c.method.dependency = ml_collections.config_dict.placeholder(str)
   c.optim = ml_collections.ConfigDict()
   c.optim.name = "sgd"               # sgd (the paper's) | adamw | lion
   # Where ARL's per-modality scales act (arl_jax.with_modality_scales):
@@ -67,6 +79,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.warmup_epochs = 5
   c.checkpoint_every_epochs = 1
   c.eval_batch_size = 256
+  c.diagnostics = ml_collections.ConfigDict()
+  # Per-epoch linear probes of each frozen encoder (in-memory sources).
+  c.diagnostics.linear_probe = False
   c.plots = True
   c.progress = "auto"                 # auto | bar | lines | none
   return c

@@ -1,0 +1,284 @@
+"""Variance estimators, held-out rows and fusion weighting (issue: imbalance)."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import reference as ref
+
+import arl_jax
+from arl_jax import estimators
+from arl_jax import fusion_weighting
+from arl_jax import parallel
+from arl_jax.data import make_imbalanced
+
+
+def _logits(seed, names, batch=48, classes=4):
+  rng = np.random.default_rng(seed)
+  z = {m: (rng.normal(size=(batch, classes)) * (0.5 + i)).astype(np.float32)
+       for i, m in enumerate(names)}
+  y = rng.integers(0, classes, batch).astype(np.int32)
+  return z, y
+
+
+def _true_prob(z, y):
+  return ref.softmax(z)[np.arange(len(y)), y]
+
+
+# ------------------------------------------------------------ estimators --
+
+@pytest.mark.parametrize("names", [("b", "a"), ("c", "a", "b")])
+def test_estimators_against_float64_numpy(names):
+  z, y = _logits(0, names)
+  zh, yh = _logits(1, names, batch=40)
+  train = arl_jax.modality_statistics(z, y)
+  held = arl_jax.modality_statistics(zh, yh)
+  want = {
+      "train_entropy": {m: 1 / ref.entropy(z[m]).mean() for m in names},
+      "heldout_entropy": {m: 1 / ref.entropy(zh[m]).mean() for m in names},
+      "heldout_variance": {m: 1 / np.var(_true_prob(zh[m], yh))
+                           for m in names},
+  }
+  for name, expected in want.items():
+    got = estimators.inverse_variance(name, train, held)
+    for m in names:
+      np.testing.assert_allclose(got[m], expected[m], rtol=2e-5)
+  with pytest.raises(ValueError, match="needs held-out rows"):
+    estimators.inverse_variance("heldout_variance", train, None)
+  with pytest.raises(ValueError, match="unknown estimator 'entropy'"):
+    estimators.inverse_variance("entropy", train, held)
+
+
+def test_coefficients_with_an_estimator_are_eq18_with_that_q():
+  names = ("audio", "visual")
+  z, y = _logits(2, names)
+  zh, yh = _logits(3, names)
+  method = arl_jax.ARL(temperature=4.0, estimator="heldout_variance",
+                       dependency="heldout")
+  modulation, _ = method.modulate(arl_jax.modality_statistics(z, y),
+                                  arl_jax.modality_statistics(zh, yh), ())
+  q = [1 / np.var(_true_prob(zh[m], yh)) for m in names]
+  s = [_true_prob(zh[m], yh).sum() for m in names]
+  want = ref.softmax(np.array([4.0 * q[0] / q[1], 4.0 * s[0] / s[1]]))
+  np.testing.assert_allclose([modulation.coefficients[m] for m in names],
+                             want, rtol=2e-5)
+
+
+def test_ema_is_a_weighted_mean_of_the_batch_sums():
+  names = ("a", "b")
+  method = arl_jax.ARL(estimator="heldout_variance", ema=0.8)
+  state = method.init_state(names)
+  batches = [_logits(10 + t, names, batch=16) for t in range(4)]
+  for zh, yh in batches:
+    stats = arl_jax.modality_statistics(zh, yh)
+    modulation, state = method.modulate(stats, stats, state)
+  # Weights of the batches in the average: (1 - d) d^k, the first one d^3.
+  w = np.array([0.8 ** 3, 0.2 * 0.8 ** 2, 0.2 * 0.8, 0.2])
+  for m in names:
+    p = [_true_prob(zh[m], yh) for zh, yh in batches]
+    mean = sum(wi * pi.sum() for wi, pi in zip(w, p)) / (16 * w.sum())
+    sq = sum(wi * (pi ** 2).sum() for wi, pi in zip(w, p)) / (16 * w.sum())
+    np.testing.assert_allclose(modulation.diagnostics["q_estimate"][m],
+                               1 / (sq - mean ** 2), rtol=1e-4)
+  with pytest.raises(ValueError, match=r"ema must be in \[0, 1\)"):
+    arl_jax.ARL(ema=1.0)
+
+
+# ----------------------------------------------- held-out rows in a step --
+
+NAMES = ("a", "b", "c")
+
+
+def _apply(params, model_state, inputs, *, train, rng):
+  del train, rng
+  feats = {m: jnp.tanh(inputs[m] @ params[m]) for m in inputs}
+  head = lambda f: sum(f[m] @ params["head"][m] for m in f) + params["head"]["bias"]
+  return arl_jax.fused_and_unimodal_logits(head, feats), model_state
+
+
+def _setup(method, names=NAMES, axis_name=None):
+  keys = jax.random.split(jax.random.PRNGKey(0), 2 * len(names))
+  params = {m: jax.random.normal(keys[i], (6, 8)) * 0.4
+            for i, m in enumerate(names)}
+  params["head"] = {m: jax.random.normal(keys[len(names) + i], (8, 4)) * 0.3
+                    for i, m in enumerate(names)}
+  params["head"]["bias"] = jnp.zeros(4)
+  tx = arl_jax.with_modality_scales(optax.sgd(0.1, momentum=0.9),
+                                    arl_jax.label_modalities(names))
+  state = arl_jax.TrainState.create(params=params, tx=tx,
+                                    rng=jax.random.PRNGKey(1), method=method,
+                                    modalities=names)
+  return state, arl_jax.make_train_step(_apply, tx, method,
+                                        axis_name=axis_name)
+
+
+def _batch(step, rows=32, names=NAMES, heldout=True):
+  rng = np.random.default_rng(step)
+  y = rng.integers(0, 4, rows).astype(np.int32)
+  x = {m: (rng.normal(size=(rows, 6)) + y[:, None] * (0.3 + 0.2 * i))
+       .astype(np.float32) for i, m in enumerate(names)}
+  batch = {"inputs": x, "labels": y}
+  if heldout:
+    hy = rng.integers(0, 4, rows).astype(np.int32)
+    batch["heldout"] = {
+        "inputs": {m: (rng.normal(size=(rows, 6)) + hy[:, None] * 0.4)
+                   .astype(np.float32) for m in names},
+        "labels": hy, "mask": np.arange(rows) < rows - 3}
+  return batch
+
+
+def test_heldout_rows_leave_gradients_bitwise_unchanged():
+  ur_state, ur_step = _setup(arl_jax.UnimodalRegularisation())
+  plain = jax.jit(ur_step)(ur_state, _batch(0, heldout=False))
+  with_heldout = jax.jit(ur_step)(ur_state, _batch(0))
+  jax.tree.map(np.testing.assert_array_equal, plain[0].params,
+               with_heldout[0].params)
+  # ARL reading held-out rows: same loss and gradients as the paper's ARL;
+  # only the coefficients (and so the update) differ.
+  state, step = _setup(arl_jax.ARL(estimator="heldout_variance"))
+  paper_state, paper_step = _setup(arl_jax.ARL())
+  _, m1 = jax.jit(step)(state, _batch(0))
+  _, m2 = jax.jit(paper_step)(paper_state, _batch(0, heldout=False))
+  for key in ("loss", "grad_norm", "accuracy"):
+    np.testing.assert_array_equal(m1[key], m2[key])
+  assert not np.allclose(m1["a"]["a"], m2["a"]["a"])
+
+
+def test_step_needs_heldout_rows_when_the_estimator_does():
+  state, step = _setup(arl_jax.ARL(estimator="heldout_entropy"))
+  with pytest.raises(ValueError, match="needs held-out rows"):
+    step(state, _batch(0, heldout=False))
+
+
+def test_heldout_ema_state_is_checkpointable_and_one_compile():
+  state, step = _setup(arl_jax.ARL(estimator="heldout_variance", ema=0.9))
+  traces = []
+
+  def counted(s, b):
+    traces.append(1)
+    return step(s, b)
+
+  jstep = jax.jit(counted, donate_argnums=0)
+  for t in range(3):
+    state, metrics = jstep(state, _batch(t))
+  assert len(traces) == 1
+  assert bool(state.method_state["started"])
+  assert all(np.isfinite(float(metrics["q"][m])) for m in NAMES)
+
+
+@pytest.mark.parametrize("mode", ["pmap", "jit"])
+def test_heldout_estimators_data_parallel_equal_single_device(mode):
+  method = arl_jax.ARL(estimator="heldout_variance", ema=0.5,
+                       dependency="heldout")
+  batches = [_batch(t, rows=64) for t in range(3)]
+  state, step = _setup(method)
+  single = jax.jit(step)
+  for b in batches:
+    state, ref_metrics = single(state, b)
+  devices = jax.devices()[:8]
+  if mode == "pmap":
+    st, pstep = _setup(method, axis_name="batch")
+    pstep = parallel.pmap_train_step(pstep, "batch", devices)
+    st = parallel.replicate(st, devices, "batch")
+    for b in batches:
+      st, metrics = pstep(st, parallel.shard_batch(b, len(devices)))
+    st, metrics = parallel.unreplicate(st), parallel.unreplicate(metrics)
+  else:
+    mesh = parallel.data_mesh(devices)
+    st, step = _setup(method)
+    jstep = parallel.jit_train_step(step, mesh)
+    st = parallel.replicate_on_mesh(st, mesh)
+    for b in batches:
+      st, metrics = jstep(st, parallel.global_batch(b, mesh))
+    st, metrics = parallel.fetch((st, metrics))
+  close = functools.partial(np.testing.assert_allclose, rtol=2e-5, atol=1e-6)
+  jax.tree.map(close, jax.device_get(st.params), jax.device_get(state.params))
+  for key in ("a", "q", "s"):
+    jax.tree.map(close, jax.device_get(metrics[key]),
+                 jax.device_get(ref_metrics[key]))
+
+
+# ------------------------------------------------------- fusion weights --
+
+def test_weighted_fusion_logits_of_an_additive_head():
+  names = ("a", "b", "c")
+  rng = np.random.default_rng(0)
+  feats = {m: rng.normal(size=(10, 5)).astype(np.float32) for m in names}
+  w_head = {m: rng.normal(size=(5, 3)).astype(np.float32) for m in names}
+  bias = rng.normal(size=3).astype(np.float32)
+  head = lambda f: sum(f[m] @ w_head[m] for m in f) + bias
+  fused, unimodal = arl_jax.fused_and_unimodal_logits(head, feats)
+  ones = fusion_weighting.weighted_fusion_logits(fused, unimodal,
+                                                 dict.fromkeys(names, 1.0))
+  np.testing.assert_allclose(ones, fused, rtol=1e-5, atol=1e-5)
+  w = {"a": 0.2, "b": 1.5, "c": 0.0}
+  got = fusion_weighting.weighted_fusion_logits(fused, unimodal, w)
+  want = bias + sum(w[m] * (feats[m].astype(np.float64) @ w_head[m])
+                    for m in names)
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+  with pytest.raises(ValueError, match="'gated' fusion mixes the modalities"):
+    fusion_weighting.check_additive("gated")
+
+
+def test_inverse_variance_weights_against_numpy():
+  names = ("a", "b")
+  z, y = _logits(5, names, batch=64)
+  w = fusion_weighting.inverse_variance_weights(
+      arl_jax.modality_statistics(z, y))
+  inv = np.array([1 / np.var(_true_prob(z[m], y)) for m in names])
+  np.testing.assert_allclose([w[m] for m in names], 2 * inv / inv.sum(),
+                             rtol=1e-4)
+
+
+def test_fitted_weights_recover_the_generating_ones():
+  rng = np.random.default_rng(0)
+  n, c = 4000, 4
+  terms = {m: rng.normal(size=(n, c)) * 2.0 for m in ("a", "b")}
+  bias = np.array([0.3, -0.2, 0.0, 0.1])
+  true_w = {"a": 0.3, "b": 1.6}
+  logits = bias + sum(true_w[m] * terms[m] for m in terms)
+  p = ref.softmax(logits)
+  y = np.array([rng.choice(c, p=row) for row in p], np.int32)
+  unimodal = {m: (bias + terms[m]).astype(np.float32) for m in terms}
+  fused = (bias + terms["a"] + terms["b"]).astype(np.float32)
+  w = fusion_weighting.fit_fusion_weights(fused, unimodal, y, steps=600)
+  for m in terms:
+    assert float(w[m]) == pytest.approx(true_w[m], rel=0.1)
+
+
+# -------------------------------------------------------------- problems --
+
+@pytest.mark.parametrize("setting", ["memorise_vs_parity", "three_modalities",
+                                     "control"])
+def test_imbalanced_problem_posteriors_are_calibrated(setting):
+  """The closed-form Bayes posteriors match label frequencies (an
+  independent check of the likelihoods behind the exact Bayes accuracy)."""
+  problem = make_imbalanced(setting, sizes=(64, 64, 8000), seed=3)
+  x, y = problem.splits["test"]
+  lik = problem.log_likelihood(x)
+  joint = sum(lik.values())
+  for logp in [*lik.values(), joint]:
+    post = ref.softmax(logp)
+    conf = post.max(-1)
+    hit = np.argmax(post, -1) == y
+    for lo, hi in [(0.0, 0.6), (0.6, 0.85), (0.85, 1.01)]:
+      sel = (conf >= lo) & (conf < hi)
+      if sel.sum() > 300:
+        assert abs(hit[sel].mean() - conf[sel].mean()) < 0.035
+  acc = problem.unimodal_bayes_accuracy
+  assert problem.bayes_accuracy > max(acc.values())
+  assert len(acc) == (3 if setting == "three_modalities" else 2)
+  np.testing.assert_allclose(problem.bayes_accuracy,
+                             np.mean(np.argmax(joint, -1) == y))
+
+
+def test_bad_imbalance_specs_are_named():
+  from arl_jax.data import ModalitySpec
+  with pytest.raises(ValueError, match="unknown imbalance setting"):
+    make_imbalanced("nope")
+  with pytest.raises(ValueError, match="power of two"):
+    make_imbalanced({"a": ModalitySpec("parity", 8),
+                     "b": ModalitySpec("gaussian", 4)}, num_classes=6)
