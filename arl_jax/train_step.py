@@ -405,7 +405,8 @@ def make_eval_step(apply_fn: ApplyFn, batch_transform: Callable | None = None
 
   Returns batch *sums* (``count``, ``correct``, ``loss_sum``,
   ``invalid_labels`` and per-modality ``unimodal_correct``) plus per-row
-  ``predictions``, ``valid``, ``fused_logits`` and ``unimodal_logits``, so
+  ``predictions``, ``labels``, ``valid``, ``fused_logits`` and
+  ``unimodal_logits``, so
   that adding them over batches gives exact accuracy on the whole split,
   padded last batch included (rows with ``mask`` False, or a label outside
   ``[0, C)``, count nowhere).
@@ -433,6 +434,7 @@ def make_eval_step(apply_fn: ApplyFn, batch_transform: Callable | None = None
         "loss_sum": fused_stats.loss_sum,
         "unimodal_correct": {m: s.correct for m, s in stats.items()},
         "predictions": jnp.argmax(fused, axis=-1),
+        "labels": labels,
         "valid": valid,
         "fused_logits": fused.astype(jnp.float32),
         "unimodal_logits": {m: v.astype(jnp.float32)

@@ -3,27 +3,58 @@
 Config fields are overridden with ``--config.FIELD=VALUE`` (e.g.
 ``--config.method.name=ogm_ge --config.num_epochs=10``); an unknown field is
 an error. Running again with the same ``--workdir`` resumes the run.
+
+Every local device is used (``--config.parallel.devices=N`` for fewer). On
+several hosts, run the same command on each with ``--coordinator
+HOST0:PORT --num_processes N --process_id I`` (or ``--coordinator auto`` where
+JAX detects the cluster: TPU pods, SLURM, Kubernetes), or the same from the
+environment (``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES``,
+``JAX_PROCESS_ID``); the workdir must be on a filesystem every host sees.
 """
+
+import os
 
 from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from experiments import distributed
 from experiments import train
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "config file",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "run directory")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator", None, "host:port of process 0 for a multi-process run, or "
+    "'auto' (JAX's cluster detection)")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None,
+                                      "number of processes (hosts)")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "this process's index")
+_INIT_TIMEOUT = flags.DEFINE_integer(
+    "init_timeout", 120, "seconds to wait for every process to join")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)   # orbax logs every save at INFO
+  env = os.environ.get
+  num = _NUM_PROCESSES.value or env("JAX_NUM_PROCESSES")
+  pid = _PROCESS_ID.value if _PROCESS_ID.value is not None else env(
+      "JAX_PROCESS_ID")
+  try:
+    distributed.initialize(
+        _COORDINATOR.value or env("JAX_COORDINATOR_ADDRESS"),
+        None if num is None else int(num), None if pid is None else int(pid),
+        _INIT_TIMEOUT.value)
+  except distributed.TopologyError as e:
+    raise app.UsageError(str(e)) from None
   report = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-  print("results:", {k: v for k, v in report.items()
-                     if not isinstance(v, dict)})
+  import jax
+  if jax.process_index() == 0:
+    print("results:", {k: v for k, v in report.items()
+                       if not isinstance(v, dict)}, flush=True)
 
 
 if __name__ == "__main__":

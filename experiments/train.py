@@ -31,6 +31,7 @@ from arl_jax import data as data_lib
 from arl_jax import fusion_weighting
 from arl_jax import models
 from experiments import diagnostics
+from experiments import distributed
 from experiments.configs import default as default_config
 
 AV_SOURCES = ("crema_d", "kinetics_sounds", "ave")
@@ -157,6 +158,8 @@ class Data:
   # fusion weights read it).
   splits: dict | None = None
   heldout: tuple | None = None
+  # True when the pipeline already yields only this process's rows.
+  sharded_by_process: bool = False
 
 
 @functools.lru_cache(maxsize=4)
@@ -186,8 +189,8 @@ def _with_heldout(batches, heldout, batch_size: int, seed: int, epoch: int):
     yield {**batch, "heldout": next(stream)}
 
 
-def load_data(config, workdir: pathlib.Path, *, attach_heldout: bool = False
-              ) -> Data:
+def load_data(config, workdir: pathlib.Path, *, attach_heldout: bool = False,
+              topology: distributed.Topology | None = None) -> Data:
   c = config.data
   if c.source in IN_MEMORY_SOURCES:
     extra = {}
@@ -248,10 +251,13 @@ def load_data(config, workdir: pathlib.Path, *, attach_heldout: bool = False
   augment = c.augment
   if augment == "auto":   # the crop/resize matmuls pay off on accelerators
     augment = "host" if jax.default_backend() == "cpu" else "device"
+  shards = ({} if topology is None or topology.process_count == 1 else
+            {"shard_index": topology.process_index,
+             "shard_count": topology.process_count})
   av = functools.partial(data_lib.av_batches, num_frames=c.num_frames,
                          image_size=c.image_size, augment=augment,
                          read_threads=c.read_threads,
-                         num_workers=c.num_workers)
+                         num_workers=c.num_workers, **shards)
   aug = data_lib.FrameAugmentation(image_size=c.image_size)
   on_device = augment == "device"
   return Data(
@@ -266,7 +272,8 @@ def load_data(config, workdir: pathlib.Path, *, attach_heldout: bool = False
       steps_per_epoch=len(src["train"]) // config.batch_size,
       extra={"augment": augment},
       train_transform=aug.train if on_device else None,
-      eval_transform=aug.eval if on_device else None)
+      eval_transform=aug.eval if on_device else None,
+      sharded_by_process=bool(shards))
 
 
 # ------------------------------------------------------------------- model --
@@ -336,19 +343,24 @@ def macro_f1(predictions: np.ndarray, labels: np.ndarray, num_classes: int
 def evaluate(eval_step, state, batches, num_classes, *, logits: bool = False
              ) -> dict:
   """Exact metrics of a split (every row once); ``log_probs`` per row, and
-  with ``logits`` the fused and unimodal logits too."""
+  with ``logits`` the fused and unimodal logits too.
+
+  ``eval_step(state, batch) -> host dict`` (the data-parallel step of
+  :mod:`experiments.distributed`: sums over the global batch, per-row
+  outputs of every row in order).
+  """
   correct = count = 0.0
   uni: dict[str, float] = {}
   preds, labels, log_probs, fused, unimodal = [], [], [], [], []
   for batch in batches():
-    out = jax.device_get(eval_step(state, batch))
+    out = eval_step(state, batch)
     correct += float(out["correct"])
     count += float(out["count"])
     for m, v in out["unimodal_correct"].items():
       uni[m] = uni.get(m, 0.0) + float(v)
     valid = np.asarray(out["valid"])
     preds.append(np.asarray(out["predictions"])[valid])
-    labels.append(np.asarray(batch["labels"])[valid])
+    labels.append(np.asarray(out["labels"])[valid])
     f = np.asarray(out["fused_logits"])[valid]
     log_probs.append(f - np.logaddexp.reduce(f, axis=-1, keepdims=True))
     if logits:
@@ -379,9 +391,9 @@ def encoder_distance(initial, final, modalities) -> dict[str, float]:
   return {m: float(np.sqrt(v)) for m, v in sq.items()}
 
 
-def _mean_metrics(history: list[dict]) -> dict:
+def _mean_metrics(history: list[dict], to_host=jax.device_get) -> dict:
   # Stacked on the device first: one transfer per metric, not per step.
-  stacked = jax.device_get(jax.tree.map(lambda *xs: jnp.stack(xs), *history))
+  stacked = to_host(jax.tree.map(lambda *xs: jnp.stack(xs), *history))
   return jax.tree.map(lambda x: float(np.mean(x)), stacked)
 
 
@@ -402,13 +414,15 @@ def epoch_record(epoch, train, val, test, lr, modalities) -> dict:
       "val_accuracy": val["accuracy"], "val_macro_f1": val["macro_f1"],
       "val_unimodal_accuracy": val["unimodal_accuracy"],
       "test_accuracy": test["accuracy"], "test_macro_f1": test["macro_f1"],
+      # Rows each evaluation counted (every row of the split exactly once).
+      "val_count": val["count"], "test_count": test["count"],
   }
 
 
 # -------------------------------------------------------------- resumption --
 
 def _weighted_evaluation(eval_step, state, data: Data, val: dict,
-                         test: dict) -> dict:
+                         test: dict, batch_size: int) -> dict:
   """Validation/test accuracy with fusion weights fitted on held-out rows.
 
   ``val`` and ``test`` are this epoch's evaluations with their logits; the
@@ -416,7 +430,8 @@ def _weighted_evaluation(eval_step, state, data: Data, val: dict,
   """
   hx, hy = data.heldout
   held = evaluate(eval_step, state, functools.partial(
-      data_lib.iterate_batches, hx, hy, 1024), data.num_classes, logits=True)
+      data_lib.iterate_batches, hx, hy, batch_size), data.num_classes,
+      logits=True)
   weightings = diagnostics.fusion_weightings(held["fused_logits"],
                                              held["unimodal_logits"],
                                              held["labels"])
@@ -433,6 +448,19 @@ def _weighted_evaluation(eval_step, state, data: Data, val: dict,
     out[name] = {"weights": weights, "val_accuracy": acc["val"],
                  "test_accuracy": acc["test"]}
   return out
+
+
+def _barrier(name: str) -> None:
+  """Waits for every process (no-op with one)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)
+
+
+def _write_atomic(path: pathlib.Path, text: str) -> None:
+  tmp = path.with_name(path.name + ".tmp")
+  tmp.write_text(text)
+  tmp.replace(path)
 
 
 def _true_class_variance(r: dict) -> dict[str, float]:
@@ -457,7 +485,7 @@ def _save_predictions(workdir: pathlib.Path, val: dict, test: dict) -> None:
 def _config_json(config) -> str:
   c = ml_collections.ConfigDict(config.to_dict())
   # Presentation-only fields may change between a run and its resumption.
-  for key in ("progress", "plots"):
+  for key in ("progress", "plots", "stop_after_epoch"):
     c[key] = None
   return c.to_json(sort_keys=True)
 
@@ -514,32 +542,48 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   accuracy and macro-F1 at the best *validation* epoch and at the last epoch.
   """
   validate_config(config)
+  try:
+    topology = distributed.make_topology(config.parallel.mode,
+                                         config.parallel.devices)
+    for name in ("batch_size", "eval_batch_size"):
+      topology.check_batch_size(config[name], f"config.{name}")
+  except distributed.TopologyError as e:
+    raise ConfigError(str(e)) from None
+  writer = topology.is_writer
   workdir = pathlib.Path(workdir)
   if workdir.exists():
     _check_workdir(config, workdir)
+  _barrier("workdir checked")
   method = make_method(config)
-  data = load_data(config, workdir, attach_heldout=method.needs_heldout)
-  workdir.mkdir(parents=True, exist_ok=True)
-  (workdir / "config.json").write_text(_config_json(config))
+  if writer:
+    workdir.mkdir(parents=True, exist_ok=True)
+    _write_atomic(workdir / "config.json", _config_json(config))
+    data = load_data(config, workdir, attach_heldout=method.needs_heldout,
+                     topology=topology)
+  _barrier("data prepared")       # one process prepares a TFDS data set
+  if not writer:
+    data = load_data(config, workdir, attach_heldout=method.needs_heldout,
+                     topology=topology)
 
   model = build_model(config, data)
   params, model_state = models.init_model(model, jax.random.PRNGKey(config.seed),
                                           data.example)
   tx, schedule = make_optimizer(config, data)
-  # A host copy: the step donates the state's buffers.
   initial_params = jax.device_get(params)
   state = arl_jax.TrainState.create(params=params, tx=tx,
                                     model_state=model_state,
                                     rng=jax.random.PRNGKey(config.seed + 1),
                                     method=method, modalities=data.modalities)
   apply_fn = models.make_apply_fn(model)
-  train_step = jax.jit(arl_jax.make_train_step(
+  train_step = topology.train_step(lambda axis_name: arl_jax.make_train_step(
       apply_fn, tx, method,
       warmup_steps=config.warmup_epochs * data.steps_per_epoch,
       batch_transform=data.train_transform,
-      check_tx=config.optim.check_scales), donate_argnums=0)
-  eval_step = jax.jit(arl_jax.make_eval_step(
+      check_tx=config.optim.check_scales, axis_name=axis_name))
+  run_eval = topology.eval_step(arl_jax.make_eval_step(
       apply_fn, batch_transform=data.eval_transform))
+  local = (lambda b: b) if data.sharded_by_process else topology.local_part
+  eval_step = lambda st, batch, **kw: run_eval(st, local(batch), **kw)
   weigh_fusion = (data.heldout is not None
                   and config.model.fusion in fusion_weighting.ADDITIVE_FUSIONS)
   features = None
@@ -547,6 +591,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     features = jax.jit(lambda st, x: model.apply(
         {"params": st.params, **st.model_state}, x, train=False,
         features_only=True))
+  state = topology.put_state(state)
 
   manager = ocp.CheckpointManager(
       (workdir / "checkpoints").absolute(),
@@ -556,59 +601,81 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   if manager.latest_step() is not None:
     step = manager.latest_step()
     restored = manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(state), meta=ocp.args.JsonRestore()))
-    state, meta = restored.state, dict(restored.meta)
+        state=ocp.args.StandardRestore(topology.checkpointable(state)),
+        meta=ocp.args.JsonRestore()))
+    state = topology.from_checkpoint(restored.state)
+    meta = dict(restored.meta)
   history_path = workdir / "metrics.jsonl"
   history = []
   if history_path.exists():          # keep only epochs the checkpoint covers
     history = [json.loads(l) for l in history_path.read_text().splitlines()
                if l.strip()]
     history = [h for h in history if h["epoch"] <= meta["epoch"]]
-    history_path.write_text("".join(json.dumps(h) + "\n" for h in history))
+  _barrier("history read")
+  if writer and history_path.exists():
+    _write_atomic(history_path,
+                  "".join(json.dumps(h) + "\n" for h in history))
 
   for epoch in range(meta["epoch"] + 1, config.num_epochs + 1):
     start = time.perf_counter()
-    progress = _Progress(config.progress, data.steps_per_epoch,
+    progress = _Progress(config.progress if writer else "none",
+                         data.steps_per_epoch,
                          f"epoch {epoch}/{config.num_epochs}")
     step_metrics = []
     for i, batch in enumerate(data.train(epoch)):
-      state, metrics = train_step(state, batch)
+      state, metrics = train_step(state, topology.put_batch(local(batch)))
       step_metrics.append(metrics)
       progress.step(metrics, i)
-    train = _mean_metrics(step_metrics)
+    train = _mean_metrics(step_metrics, topology.to_numpy)
+    train_s = time.perf_counter() - start   # the steps (and the input pipeline)
     val = evaluate(eval_step, state, data.evaluate["validation"],
                    data.num_classes, logits=weigh_fusion)
     test = evaluate(eval_step, state, data.evaluate["test"], data.num_classes,
                     logits=weigh_fusion)
-    record = epoch_record(epoch, train, val, test,
-                          schedule(int(state.step) - 1), data.modalities)
+    step_count = int(topology.host(state.step))
+    record = epoch_record(epoch, train, val, test, schedule(step_count - 1),
+                          data.modalities)
     new_best = val["accuracy"] > meta["best_val"]
     if features is not None and (new_best or epoch == config.num_epochs):
       # Only where it is reported: the selected epoch and the last one.
       record["probe_accuracy"] = diagnostics.linear_probe_accuracy(
-          functools.partial(features, state), data.splits, data.num_classes,
-          data.modalities)
+          functools.partial(features, topology.host(state)), data.splits,
+          data.num_classes, data.modalities)
     if weigh_fusion:
       record["fusion"] = _weighted_evaluation(eval_step, state, data, val,
-                                              test)
+                                              test, config.eval_batch_size)
       # The quantity ARL's estimators target, measured on the (large) test
       # split: a diagnostic of the estimators only, never used in training
       # or selection.
       record["test_true_class_variance"] = _true_class_variance(test)
     if new_best:
       meta.update(best_val=val["accuracy"], best_epoch=epoch)
-      _save_predictions(workdir, val, test)
+      if writer:
+        _save_predictions(workdir, val, test)
     record["time_s"] = time.perf_counter() - start
+    record["train_time_s"] = train_s
+    record["steps"] = len(step_metrics)
     meta["epoch"] = epoch
     history.append(record)
-    with open(history_path, "a") as f:
-      f.write(json.dumps(record) + "\n")
+    if writer:
+      with open(history_path, "a") as f:
+        f.write(json.dumps(record) + "\n")
     progress.epoch(record)
     if epoch % config.checkpoint_every_epochs == 0 or epoch == config.num_epochs:
       manager.save(epoch, args=ocp.args.Composite(
-          state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
+          state=ocp.args.StandardSave(topology.checkpointable(state)),
+          meta=ocp.args.JsonSave(meta)))
+    if config.stop_after_epoch and epoch >= config.stop_after_epoch and (
+        epoch < config.num_epochs):
+      manager.wait_until_finished()
+      manager.close()
+      if epoch % config.checkpoint_every_epochs:
+        raise ConfigError("stop_after_epoch must fall on a checkpoint epoch "
+                          "(a multiple of checkpoint_every_epochs).")
+      return {"stopped_after_epoch": epoch, "workdir": str(workdir)}
   manager.wait_until_finished()
   manager.close()
+  final_params = topology.host(state.params)
 
   best = next(h for h in history if h["epoch"] == meta["best_epoch"])
   last = history[-1]
@@ -626,8 +693,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       "dependency_ratio_last": last["dependency_ratio"],
       "inverse_variance_ratio_last": last["inverse_variance_ratio"],
       "a_last": last["a"],
-      "encoder_distance": encoder_distance(initial_params, state.params,
+      "encoder_distance": encoder_distance(initial_params, final_params,
                                            data.modalities),
+      "parallel": topology.describe(),
       **data.extra,
   }
   if "probe_accuracy" in best:
@@ -644,7 +712,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
           "test_accuracy_at_best_val": sel["fusion"][name]["test_accuracy"],
           "test_accuracy_last": last["fusion"][name]["test_accuracy"],
           "weights_at_best_val": sel["fusion"][name]["weights"]}
-  (workdir / "results.json").write_text(json.dumps(report, indent=1))
+  if not writer:
+    return report
+  _write_atomic(workdir / "results.json", json.dumps(report, indent=1))
   if config.plots:
     from experiments import plots
     plots.plot_run(history, workdir, title=f"{config.data.source} / "

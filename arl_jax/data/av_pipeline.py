@@ -237,25 +237,37 @@ class _BatchLoader:
   Picklable (no lambdas) for grain worker processes.
   """
 
-  def __init__(self, source, order, batch_size, transform, assemble):
+  def __init__(self, source, order, batch_size, transform, assemble,
+               shard=(0, 1)):
     self.source, self.order, self.batch_size = source, order, batch_size
     self.transform, self.assemble = transform, assemble
+    # This process's contiguous rows of every global batch.
+    self.local = batch_size // shard[1]
+    self.offset = shard[0] * self.local
 
   def __call__(self, b: int, rng: np.random.Generator | None = None) -> dict:
-    idx = self.order[b * self.batch_size:(b + 1) * self.batch_size]
+    start = b * self.batch_size + self.offset
+    idx = self.order[start:start + self.local]
+    empty = len(idx) == 0     # past the end of the split: all padding
+    if empty:
+      idx = self.order[:1]
     records = [self.source[int(i)] for i in idx]
     if rng is None:
       rows = [self.transform(r) for r in records]
     else:
       rows = [self.transform(r, rng) for r in records]
-    return self.assemble(rows, self.batch_size)
+    batch = self.assemble(rows, self.local)
+    if empty:
+      batch["mask"][:] = False
+    return batch
 
 
 def batches(source, *, batch_size: int, train: bool, num_frames: int = 1,
             image_size: int = 224, seed: int = 0, epoch: int = 0,
             num_workers: int = 0, normalize: bool = False,
             augment: str = "host", canvas: tuple[int, int] | None = None,
-            read_threads: int = 0) -> Iterator[dict]:
+            read_threads: int = 0, shard_index: int = 0,
+            shard_count: int = 1) -> Iterator[dict]:
   """One epoch of ``{"inputs": {"audio", "visual"}, "labels", "mask"}`` batches.
 
   Args:
@@ -276,6 +288,11 @@ def batches(source, *, batch_size: int, train: bool, num_frames: int = 1,
     read_threads: grain prefetch threads in this process (0: none, the
       batches are made on the calling thread; decoding releases the GIL, so
       a few threads help when cores are free).
+    shard_index, shard_count: with several processes (hosts), process
+      ``shard_index`` of ``shard_count`` reads only its contiguous
+      ``batch_size / shard_count`` rows of every global batch (the rows
+      :func:`arl_jax.parallel.global_batch` expects from it); the shards
+      are disjoint and together cover the split.
   """
   import grain
   if augment not in ("host", "device"):
@@ -300,7 +317,12 @@ def batches(source, *, batch_size: int, train: bool, num_frames: int = 1,
     transform = (TrainTransform if train else EvalTransform)(
         num_frames, image_size, normalize)
     assemble = _collate
-  loader = _BatchLoader(source, order, batch_size, transform, assemble)
+  if not 0 <= shard_index < shard_count or batch_size % shard_count:
+    raise ValueError(f"shard {shard_index} of {shard_count}: need 0 <= index "
+                     f"< count and batch_size ({batch_size}) divisible by the "
+                     "count.")
+  loader = _BatchLoader(source, order, batch_size, transform, assemble,
+                        (shard_index, shard_count))
   ds = grain.MapDataset.range(num_batches)
   if train:
     ds = ds.random_map(loader, seed=seed + 104729 * epoch)

@@ -82,6 +82,15 @@ def get_config() -> ml_collections.ConfigDict:
   c.diagnostics = ml_collections.ConfigDict()
   # Per-epoch linear probes of each frozen encoder (in-memory sources).
   c.diagnostics.linear_probe = False
+  c.parallel = ml_collections.ConfigDict()
+  # Data parallelism over devices (experiments.distributed): jit with a
+  # "data" mesh axis (default; across processes too) or pmap (one process).
+  c.parallel.mode = "jit"
+  c.parallel.devices = 0               # 0: every device; N: the first N
+  # Stop cleanly after this epoch's checkpoint (0: never); running the same
+  # command again resumes. For time-limited jobs; not part of the run's
+  # identity.
+  c.stop_after_epoch = 0
   c.plots = True
   c.progress = "auto"                 # auto | bar | lines | none
   return c
