@@ -37,15 +37,25 @@ def cross_entropy(z, y):
   return -log_softmax(z)[np.arange(len(y)), y].mean()
 
 
-def released(zs, t, clamp=0.3):               # the authors' release
-  h = np.array([entropy(z).mean() for z in zs])
-  q = 1.0 / np.maximum(h / h.sum(), clamp)
-  q = q / q.sum()
-  dep = np.array([np.abs(z).mean(0).sum() for z in zs])
-  dep = dep / dep.sum()
-  if len(zs) == 2:
-    return softmax(np.array([dep[1] * q[0] * t, dep[0] * q[1] * t]))
-  return softmax(t * q * (1 - dep))
+def released(z0, z1, t, clamp=0.3):           # the authors' release (K = 2)
+  """As the release computes it for its two modalities, line for line."""
+  h0, h1 = entropy(z0).mean(), entropy(z1).mean()
+  e0, e1 = h0 / (h0 + h1), h1 / (h0 + h1)
+  q0, q1 = 1 / max(e0, clamp), 1 / max(e1, clamp)
+  q0, q1 = q0 / (q0 + q1), q1 / (q0 + q1)
+  d0, d1 = np.abs(z0).mean(0).sum(), np.abs(z1).mean(0).sum()
+  d0, d1 = d0 / (d0 + d1), d1 / (d0 + d1)
+  return softmax(np.array([d1 * q0 * t, d0 * q1 * t]))
+
+
+def gradient_residual(g, a):                   # Eqs. 19-20
+  """g + a g: what reaches encoder m with the gradient residual."""
+  return np.asarray(g, np.float64) + a * np.asarray(g, np.float64)
+
+
+def ge_noise_std(g, multiplier=1.0):           # OGM-GE's GE
+  """Standard deviation of the Gaussian noise OGM-GE adds to a leaf."""
+  return multiplier * np.std(np.asarray(g, np.float64))
 
 
 def ogm_ge(zs, y, alpha):                      # OGM-GE Eqs. 9-10

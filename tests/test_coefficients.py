@@ -87,19 +87,29 @@ def test_k_modalities_favour_largest_share_deficit(names):
     np.testing.assert_array_equal(np.argsort(got), np.argsort(deficit))
 
 
-def test_k3_formula_matches_numpy():
-  names = ("a", "b", "c")
-  logits, labels = _problem(7, names, 16, 4)
-  t = 4.0
-  q = np.array([ref.inverse_variance(logits[m]) for m in names])
-  s = np.array([ref.dependency(logits[m], labels) for m in names])
-  qh, sh = q / q.sum(), s / s.sum()
-  want = ref.softmax(t * (qh - sh) / (2 * qh[-1] * sh[-1]))
-  got = arl_jax.arl_coefficients(logits, labels, t)
-  np.testing.assert_allclose([got[m] for m in names], want, rtol=2e-5)
-  got = arl_jax.arl_coefficients(logits, labels, t, reference="a")
-  want = ref.softmax(t * (qh - sh) / (2 * qh[0] * sh[0]))
-  np.testing.assert_allclose([got[m] for m in names], want, rtol=2e-5)
+@pytest.mark.parametrize("reference", ["audio", "visual"])
+def test_extension_is_eq18_at_k2_for_either_reference(reference):
+  """The K-modality rule's defining property, checked against Eq. 18 itself
+  (not against its own formula): with reference r, the two coefficients are
+  Eq. 18 with the other modality as m0 and r as m1."""
+  other = "visual" if reference == "audio" else "audio"
+  for seed in range(6):
+    for t in (0.5, 4.0, 8.0):
+      logits, labels = _problem(seed, ("audio", "visual"), 24, 5)
+      a = arl_jax.arl_coefficients(logits, labels, t, reference=reference)
+      want = ref.eq18(logits[other], logits[reference], labels, t)
+      np.testing.assert_allclose([a[other], a[reference]], want, rtol=2e-5,
+                                 atol=1e-7)
+
+
+def test_extension_is_equivariant_to_renaming_the_modalities():
+  """Renaming modalities (and the reference with them) renames coefficients."""
+  logits, labels = _problem(7, ("a", "b", "c"), 16, 4)
+  a = arl_jax.arl_coefficients(logits, labels, 4.0, reference="b")
+  renamed = {"z": logits["a"], "y": logits["b"], "x": logits["c"]}
+  r = arl_jax.arl_coefficients(renamed, labels, 4.0, reference="y")
+  np.testing.assert_allclose([a["a"], a["b"], a["c"]],
+                             [r["z"], r["y"], r["x"]], rtol=1e-6)
 
 
 def test_coefficients_carry_no_gradient():
@@ -134,6 +144,29 @@ def test_saturated_and_degenerate_logits_give_finite_coefficients(fn, arg):
     a = fn(logits, labels, arg)
     values = np.array([a[m] for m in logits])
     assert np.all(np.isfinite(values)), (logits, values)
+  # Where the value is known: identical modalities (both saturated on the
+  # right class, or both all-zero) have identical statistics, so the softmax
+  # rules give 1/K and OGM-GE (rho = 1, nothing dominant) leaves them at 1.
+  neutral = 1.0 if fn is arl_jax.ogm_ge_coefficients else 0.5
+  for logits in cases[0], cases[2]:
+    a = fn(logits, labels, arg)
+    np.testing.assert_allclose([a["a"], a["b"]], [neutral, neutral],
+                               rtol=1e-6)
+  if fn is arl_jax.ogm_ge_coefficients:
+    # b saturated on the wrong class: a dominates and alone is damped.
+    a = fn(cases[1], labels, arg)
+    assert float(a["a"]) < 1.0 and float(a["b"]) == 1.0
+  else:
+    # a saturated right (entropy floored), b with its true class pushed to
+    # -1e4 (entropy ln 2, true-class probability 0): against the oracles.
+    # ARL: q_a / q_b = ln 2 / 1e-6 (entropy floor) = 6.9e5 is below the
+    # dependency ratio s_a / s_b = 4 / 4e-6 (sum floor) = 1e6, so Eq. 18
+    # gives b everything.
+    a = fn(cases[1], labels, arg)
+    z = [np.asarray(cases[1][m]) for m in ("a", "b")]
+    want = [0.0, 1.0] if fn is arl_jax.arl_coefficients else ref.released(
+        *z, arg)
+    np.testing.assert_allclose([a["a"], a["b"]], want, rtol=1e-4, atol=1e-6)
 
 
 def test_nonfinite_rows_do_not_reach_coefficients():
@@ -155,13 +188,48 @@ def test_nonfinite_rows_do_not_reach_coefficients():
     np.testing.assert_allclose([a["a"], a["b"]], [neutral, neutral])
 
 
-@pytest.mark.parametrize("names", [("a", "b"), ("a", "b", "c")])
-def test_released_rule_matches_numpy(names):
-  logits, labels = _problem(5, names, 32, 6)
+@pytest.mark.parametrize("temperature", [1.0, 4.0, 8.0])
+def test_released_rule_matches_the_releases_computation(temperature):
+  for seed in range(5):
+    logits, labels = _problem(seed, ("a", "b"), 32, 6)
+    a = arl_jax.released_arl_coefficients(logits, labels, temperature)
+    np.testing.assert_allclose([a["a"], a["b"]],
+                               ref.released(logits["a"], logits["b"],
+                                            temperature), rtol=2e-5)
+
+
+def test_released_rule_entropy_clamp_is_active():
+  """One confident and one uniform modality: the normalised entropy of the
+  confident one is ~0 < 0.3, so the release's clamp sets its q."""
+  rng = np.random.default_rng(0)
+  labels = rng.integers(0, 6, 32).astype(np.int32)
+  confident = (np.eye(6)[labels] * 12.0 + rng.normal(size=(32, 6))).astype(
+      np.float32)
+  uniform = (0.01 * rng.normal(size=(32, 6))).astype(np.float32)
+  h = [ref.entropy(z).mean() for z in (confident, uniform)]
+  assert h[0] / sum(h) < 0.3                       # the clamp binds
+  a = arl_jax.released_arl_coefficients({"a": confident, "b": uniform},
+                                        labels, 8.0)
+  want = ref.released(confident, uniform, 8.0)
+  np.testing.assert_allclose([a["a"], a["b"]], want, rtol=2e-5)
+  unclamped = ref.released(confident, uniform, 8.0, clamp=0.0)
+  assert not np.allclose(want, unclamped, rtol=1e-3)
+
+
+def test_released_rule_k3_properties():
+  """The release defines two modalities; the K extension (documented in
+  released_arl_coefficients) must sum to 1, not depend on names, and give
+  neutral coefficients to identical modalities."""
+  logits, labels = _problem(5, ("a", "b", "c"), 32, 6)
   a = arl_jax.released_arl_coefficients(logits, labels, 8.0)
-  np.testing.assert_allclose([a[m] for m in names],
-                             ref.released([logits[m] for m in names], 8.0),
-                             rtol=2e-5)
+  np.testing.assert_allclose(sum(a.values()), 1.0, rtol=1e-6)
+  renamed = {"c": logits["a"], "a": logits["b"], "b": logits["c"]}
+  r = arl_jax.released_arl_coefficients(renamed, labels, 8.0)
+  np.testing.assert_allclose([a["a"], a["b"], a["c"]],
+                             [r["c"], r["a"], r["b"]], rtol=1e-6)
+  same = {m: logits["a"] for m in "abc"}
+  s = arl_jax.released_arl_coefficients(same, labels, 8.0)
+  np.testing.assert_allclose(list(s.values()), [1 / 3] * 3, rtol=1e-6)
 
 
 @pytest.mark.parametrize("names", [("a", "b"), ("a", "b", "c")])

@@ -168,13 +168,27 @@ def test_pipeline_batches_are_deterministic_and_padded(crema):
   t2 = list(av_pipeline.batches(src["train"], batch_size=8, train=True, seed=3))
   t3 = list(av_pipeline.batches(src["train"], batch_size=8, train=True, seed=3,
                                 epoch=1))
+  t4 = list(av_pipeline.batches(src["train"], batch_size=8, train=True, seed=4))
   n_train = len(src["train"])
   assert len(t1) == n_train // 8 and all(b["mask"].all() for b in t1)
   np.testing.assert_array_equal(t1[0]["inputs"]["visual"], t2[0]["inputs"]["visual"])
-  assert not np.array_equal(t1[0]["labels"], t3[0]["labels"]) or not np.array_equal(
-      t1[0]["inputs"]["visual"], t3[0]["inputs"]["visual"])
-  seen = [int(l) for b in t1 for l in b["labels"]]
-  assert len(seen) == 8 * (n_train // 8)
+  # Rows identified by their spectrogram (no augmentation touches it).
+  clips = {np.asarray(src["train"][i]["audio"], np.float32).tobytes(): i
+           for i in range(n_train)}
+  order = lambda bs: [clips[a.astype(np.float32).tobytes()]
+                      for b in bs for a in b["inputs"]["audio"]]
+  o1, o3, o4 = order(t1), order(t3), order(t4)
+  for o in (o1, o3, o4):       # each epoch: distinct rows of the split
+    assert len(o) == len(set(o)) == 8 * (n_train // 8)
+  assert o1 != o3 and o1 != o4  # epoch and seed each change the order
+  # Evaluation: exactly the split's rows and labels, in order.
+  ev = [(int(l), a.astype(np.float32).tobytes())
+        for b in evals for l, a, k in zip(b["labels"], b["inputs"]["audio"],
+                                          b["mask"]) if k]
+  want = [(int(src["test"][i]["label"]),
+           np.asarray(src["test"][i]["audio"], np.float32).tobytes())
+          for i in range(len(src["test"]))]
+  assert ev == want
 
 
 def test_prepared_source_reads_what_tfds_decodes(crema):
@@ -355,3 +369,21 @@ def test_missing_root_and_unprepared_dir(tmp_path):
     data.load_prepared(tmp_path)
   with pytest.raises(ValueError, match="unknown data set"):
     data.prepare("audioset", tmp_path, tmp_path / "p")
+
+
+def test_in_memory_batches_permute_every_epoch_and_evaluate_in_order():
+  from arl_jax.data import iterate_batches
+  n = 50
+  x = {"a": np.arange(n, dtype=np.float32)[:, None]}
+  y = (np.arange(n) % 3).astype(np.int32)
+  rows = lambda bs: [int(v) for b in bs for v in b["inputs"]["a"][b["mask"], 0]]
+  train = lambda seed, epoch: rows(iterate_batches(
+      x, y, 8, shuffle=True, seed=seed, epoch=epoch, drop_last=True))
+  e0, e1, s1 = train(0, 0), train(0, 1), train(1, 0)
+  for o in (e0, e1, s1):
+    assert len(o) == len(set(o)) == 48 and set(o) <= set(range(n))
+  assert e0 != e1 and e0 != s1 and train(0, 0) == e0
+  ev = list(iterate_batches(x, y, 8))
+  assert rows(ev) == list(range(n))
+  assert [int(l) for b in ev for l in b["labels"][b["mask"]]] == y.tolist()
+  assert all(b["labels"].shape == (8,) for b in ev)

@@ -1,0 +1,121 @@
+"""Masked rows, empty batches, OGM-GE and evaluation under data parallelism."""
+
+import functools
+
+import jax
+import numpy as np
+import optax
+import pytest
+from test_train_step import labels_of
+from test_train_step import user_model_apply
+from test_train_step import user_params
+
+import arl_jax
+from arl_jax import parallel
+from arl_jax.data import iterate_batches
+from arl_jax.data import make_linear_gaussian
+
+close = functools.partial(np.testing.assert_allclose, rtol=2e-5, atol=1e-6)
+
+
+def _setup(method, axis_name=None, adam=False):
+  params = user_params(jax.random.PRNGKey(0), {"audio": 5, "visual": 5}, 8, 3)
+  opt = optax.adam(1e-2) if adam else optax.sgd(0.05, momentum=0.9)
+  tx = arl_jax.with_modality_scales(opt, labels_of)
+  state = arl_jax.TrainState.create(params=params, tx=tx,
+                                    rng=jax.random.PRNGKey(1))
+  return state, arl_jax.make_train_step(user_model_apply, tx, method,
+                                        axis_name=axis_name)
+
+
+def _batch(rows=32, seed=0):
+  problem = make_linear_gaussian({"audio": 1.0, "visual": 2.0}, num_classes=3,
+                                 dim=5, sizes=(256, 8, 8), seed=seed)
+  x, y = problem.splits["train"]
+  return next(iterate_batches(x, y, rows))
+
+
+METHODS = [arl_jax.ARL(temperature=4.0), arl_jax.OGMGE(alpha=0.5)]
+
+
+@pytest.mark.parametrize("method", METHODS, ids=["arl", "ogm_ge"])
+def test_masked_rows_equal_the_step_on_the_unpadded_rows(method):
+  batch = _batch()
+  keep = np.ones(32, bool)
+  keep[[1, 5, 6, 20, 31]] = False
+  state, step = _setup(method)
+  step = jax.jit(step)
+  masked, m1 = step(state, {**batch, "mask": keep})
+  short = jax.tree.map(lambda v: np.asarray(v)[keep], batch)
+  unpadded, m2 = step(state, short)
+  jax.tree.map(close, masked.params, unpadded.params)
+  for key in ("loss", "accuracy", "a", "scale", "q", "s"):
+    jax.tree.map(close, m1[key], m2[key])
+
+
+def test_an_all_masked_batch_changes_nothing_and_stays_finite():
+  batch = _batch()
+  state, step = _setup(arl_jax.ARL())
+  new, metrics = jax.jit(step)(state, {**batch, "mask": np.zeros(32, bool)})
+  jax.tree.map(np.testing.assert_array_equal, new.params, state.params)
+  assert float(metrics["loss"]) == 0.0 and float(metrics["update_skipped"]) == 0
+  assert [float(v) for v in metrics["a"].values()] == [0.5, 0.5]
+
+
+def _uneven_mask():
+  # 4 devices x 8 rows: 8, 5, 0 and 3 valid rows.
+  mask = np.zeros(32, bool)
+  mask[0:8] = True
+  mask[8:13] = True
+  mask[24:27] = True
+  return mask
+
+
+@pytest.mark.parametrize("method", METHODS, ids=["arl", "ogm_ge"])
+@pytest.mark.parametrize("mode", ["pmap", "jit"])
+def test_uneven_valid_rows_per_device_equal_one_device(method, mode):
+  batches = [{**_batch(seed=s), "mask": _uneven_mask()} for s in range(2)]
+  state, step = _setup(method, adam=True)
+  one = jax.jit(step)
+  for b in batches:
+    state, ref_metrics = one(state, b)
+  devices = jax.devices()[:4]
+  st, pstep = _setup(method, axis_name="batch" if mode == "pmap" else None,
+                     adam=True)
+  if mode == "pmap":
+    pstep = parallel.pmap_train_step(pstep, "batch", devices)
+    st = parallel.replicate(st, devices, "batch")
+    for b in batches:
+      st, metrics = pstep(st, parallel.shard_batch(b, 4))
+    st, metrics = parallel.unreplicate(st), parallel.unreplicate(metrics)
+  else:
+    mesh = parallel.data_mesh(devices)
+    jstep = parallel.jit_train_step(pstep, mesh)
+    st = parallel.replicate_on_mesh(st, mesh)
+    for b in batches:
+      st, metrics = jstep(st, parallel.global_batch(b, mesh))
+    st, metrics = parallel.fetch((st, metrics))
+  # Parameters, the Adam moments and OGM-GE's noise key all agree.
+  jax.tree.map(close, jax.device_get(st.params), jax.device_get(state.params))
+  jax.tree.map(close, jax.device_get(st.opt_state),
+               jax.device_get(state.opt_state))
+  for key in ("loss", "a", "scale"):
+    jax.tree.map(close, jax.device_get(metrics[key]),
+                 jax.device_get(ref_metrics[key]))
+
+
+@pytest.mark.parametrize("mode", ["pmap", "jit"])
+def test_eval_step_data_parallel_equals_one_device(mode):
+  from experiments import distributed
+  batch = {**_batch(), "mask": _uneven_mask()}
+  state, _ = _setup(arl_jax.ARL())
+  eval_step = arl_jax.make_eval_step(user_model_apply)
+  want = jax.device_get(jax.jit(eval_step)(state, batch))
+  topology = distributed.Topology(
+      mode=mode, devices=jax.devices()[:4], process_index=0, process_count=1,
+      mesh=parallel.data_mesh(jax.devices()[:4]) if mode == "jit" else None)
+  got = topology.eval_step(eval_step)(topology.put_state(state), batch)
+  assert float(got["count"]) == 16.0
+  for key in ("count", "correct", "loss_sum", "unimodal_correct",
+              "predictions", "labels", "valid", "fused_logits"):
+    jax.tree.map(close, got[key], want[key])
