@@ -10,7 +10,6 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from arl_jax.data import fixtures
 from experiments import train
 from experiments.configs import ave
 from experiments.configs import crema_d
@@ -159,39 +158,10 @@ def test_short_run_uci(tmp_path):
              counts=(400, 400))
 
 
-def _tiny_av_run(cfg, root, workdir, augment="device"):
-  """One epoch of a config's ResNet18 model on fake local files, 32x32 frames."""
-  c = cfg.get_config()
-  c.data.path = str(root)
-  c.data.image_size = 32
-  c.data.augment = augment
-  c.batch_size, c.eval_batch_size, c.num_epochs = 4, 8, 1
-  c.warmup_epochs, c.progress = 0, "none"
-  c.parallel.devices = 1
-  train.train_and_evaluate(c, workdir)
-  _check_run(workdir, 1, ("audio", "visual"))
-
-
-def test_short_run_crema_d_from_local_files(tmp_path, monkeypatch):
-  monkeypatch.setenv("TMPDIR", str(tmp_path))
-  root = fixtures.write_fake_crema_d(tmp_path / "raw", actors=(1001, 1002),
-                                     sentences=("DFA",), frames=1, seconds=0.5,
-                                     test_fraction=0.35)
-  _tiny_av_run(crema_d, root, tmp_path / "run")
-
-
-@pytest.mark.parametrize("source", ["kinetics_sounds", "ave"])
-def test_short_run_kinetics_sounds_and_ave(source, tmp_path, monkeypatch):
-  monkeypatch.setenv("TMPDIR", str(tmp_path))
-  if source == "ave":
-    root, cfg = fixtures.write_fake_ave(tmp_path / "raw", seconds=0.5), ave
-  else:
-    root = fixtures.write_fake_kinetics_sounds(tmp_path / "raw", seconds=0.5)
-    cfg = kinetics_sounds
-  # Kinetics-Sounds with the augmentation in the input pipeline, AVE (and
-  # CREMA-D above) with it in the jitted step.
-  _tiny_av_run(cfg, root, tmp_path / "run",
-               augment="host" if source == "kinetics_sounds" else "device")
+# The audio-visual runner path (CREMA-D's ResNet18 config on fake local
+# files, frames augmented on the device) runs end to end in
+# test_runner_parallel.py, in two processes; Kinetics-Sounds and AVE share it,
+# their builders and layouts are tested in test_data.py, their configs above.
 
 
 # ----------------------------------------------------- resume and workdir --
@@ -222,7 +192,7 @@ def _history(workdir):
 ], ids=["arl_sgd", "ogm_ge_adamw"])
 def test_sigkill_and_resume_gives_identical_results(tmp_path, extra):
   epochs = 4
-  overrides = {"data.sizes": (2048, 256, 256), "num_epochs": epochs, **extra}
+  overrides = {"data.sizes": (1024, 256, 256), "num_epochs": epochs, **extra}
   reference = tmp_path / "reference"
   train.train_and_evaluate(tiny_synthetic(**overrides), reference)
 

@@ -196,13 +196,16 @@ def test_audio_visual_runner_in_two_processes(tmp_path):
   out = _launch(tmp_path / "run", 2, config="experiments/configs/crema_d.py",
                 devices=1, overrides={
                     "data.path": str(root), "data.prepared_dir": str(prepared),
-                    "data.image_size": 32, "data.augment": "host",
+                    "data.image_size": 32, "data.augment": "device",
                     "batch_size": 4, "eval_batch_size": 8, "num_epochs": 1,
                     "warmup_epochs": 0})
   assert all(code == 0 for code, _ in out), out
   (h,) = _history(tmp_path / "run")
   assert h["test_count"] == len(split["test"])
   assert h["val_count"] == len(split["validation"])
+  assert np.isfinite(h["train_loss"]) and set(h["a"]) == {"audio", "visual"}
+  report = json.loads((tmp_path / "run" / "results.json").read_text())
+  assert report["augment"] == "device" and report["best_epoch"] == 1
 
 
 def test_a_process_count_nobody_else_has_fails_fast(tmp_path):
