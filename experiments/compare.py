@@ -120,13 +120,8 @@ def runs(suite: str) -> dict[str, dict[str, dict]]:
 def _config(suite: str, problem: str, overrides: dict, seed: int):
   base = (balanced_settings() if suite == "balanced"
           else imbalance_settings())[problem]
-  c = base.copy_and_resolve_references()
-  for key, value in overrides.items():
-    node = c
-    *path, last = key.split(".")
-    for p in path:
-      node = node[p]
-    node[last] = value
+  from experiments import configs
+  c = configs.override(base.copy_and_resolve_references(), overrides)
   c.seed = seed
   c.plots = False
   c.progress = "none"

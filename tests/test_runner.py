@@ -10,6 +10,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from experiments import configs
 from experiments import train
 from experiments.configs import ave
 from experiments.configs import crema_d
@@ -26,13 +27,7 @@ def tiny_synthetic(epochs=3, **overrides):
   c.num_epochs, c.warmup_epochs, c.optim.decay_epochs = epochs, 1, (2,)
   c.progress = "none"
   c.parallel.devices = 1
-  for k, v in overrides.items():
-    node = c
-    *path, last = k.split(".")
-    for p in path:
-      node = node[p]
-    node[last] = v
-  return c
+  return configs.override(c, overrides)
 
 
 # ----------------------------------------------------------------- config --
@@ -259,13 +254,7 @@ def tiny_imbalance(**overrides):
   c.num_epochs, c.warmup_epochs, c.optim.decay_epochs = 2, 1, (2,)
   c.progress, c.plots = "none", False
   c.parallel.devices = 1
-  for k, v in overrides.items():
-    node = c
-    *path, last = k.split(".")
-    for p in path:
-      node = node[p]
-    node[last] = v
-  return c
+  return configs.override(c, overrides)
 
 
 def test_imbalance_run_reports_probes_fusion_weights_and_predictions(tmp_path):

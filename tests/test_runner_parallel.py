@@ -14,6 +14,7 @@ import pytest
 
 from arl_jax import data as data_lib
 from arl_jax.data import fixtures
+from experiments import configs
 from experiments import train
 from experiments.configs import synthetic
 
@@ -29,13 +30,7 @@ RTOL = 2e-4
 def _config(**overrides):
   c = synthetic.get_config()
   c.progress, c.plots = "none", False
-  for k, v in {**OVERRIDES, **overrides}.items():
-    node = c
-    *path, last = k.split(".")
-    for p in path:
-      node = node[p]
-    node[last] = v
-  return c
+  return configs.override(c, {**OVERRIDES, **overrides})
 
 
 def _history(workdir):
