@@ -466,6 +466,11 @@ def main(argv=None):
            else str(workroot))
   reuse_note = (f" ({reused} of {total} runs read back from finished runs in "
                 f"{shown}; delete it to train them again)" if reused else "")
+  run_s = sum(json.loads(l).get("time_s", 0.0)
+              for path in workroot.glob("*/*/seed*/metrics.jsonl")
+              for l in path.read_text().splitlines() if l.strip())
+  reuse_note += (f"; the runs' own epochs took {run_s / 60:.1f} min in total "
+                 f"({run_s / 60 / args.workers:.1f} min per worker)")
   out = pathlib.Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
   header = (f"- command: `python -m experiments.compare --suite {args.suite} "
