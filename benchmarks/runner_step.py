@@ -3,7 +3,7 @@
 Runs ``experiments.train`` (the runner ``python -m experiments.main`` drives)
 on fake local CREMA-D files of the real shapes (one 224x224 frame, a 257x188
 spectrogram, two ResNet18 encoders) for a few epochs and reports the time per
-training step from ``metrics.jsonl`` (``train_time_s / steps``, the epoch
+training step from ``timings.jsonl`` (``train_time_s / steps``, the epoch
 after compilation), next to what one data-parallel step communicates.
 
   python -m benchmarks.runner_step [--devices 1] [--batch 16]
@@ -54,8 +54,10 @@ def main(argv=None):
   report = train.train_and_evaluate(c, tmp / "run")
   history = [json.loads(l) for l in
              (tmp / "run" / "metrics.jsonl").read_text().splitlines()]
-  after_compile = history[1:] or history
-  steps = sum(h["steps"] for h in after_compile)
+  timings = [json.loads(l) for l in
+             (tmp / "run" / "timings.jsonl").read_text().splitlines()]
+  after_compile = timings[1:] or timings
+  steps = sum(h["steps"] for h in history[1:] or history)
   seconds = sum(h["train_time_s"] for h in after_compile)
   per_step = seconds / steps
   backend = jax.default_backend()

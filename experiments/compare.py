@@ -467,7 +467,7 @@ def main(argv=None):
   reuse_note = (f" ({reused} of {total} runs read back from finished runs in "
                 f"{shown}; delete it to train them again)" if reused else "")
   run_s = sum(json.loads(l).get("time_s", 0.0)
-              for path in workroot.glob("*/*/seed*/metrics.jsonl")
+              for path in workroot.glob("*/*/seed*/timings.jsonl")
               for l in path.read_text().splitlines() if l.strip())
   reuse_note += (f"; the runs' own epochs took {run_s / 60:.1f} min in total "
                  f"({run_s / 60 / args.workers:.1f} min per worker)")

@@ -13,14 +13,17 @@ environment (``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES``,
 """
 
 import os
+import sys
 
 from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from arl_jax import data as data_lib
 from experiments import distributed
 from experiments import train
+from experiments import workdir as workdir_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "config file",
                                           lock_config=True)
@@ -34,6 +37,34 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "this process's index")
 _INIT_TIMEOUT = flags.DEFINE_integer(
     "init_timeout", 120, "seconds to wait for every process to join")
 flags.mark_flags_as_required(["config", "workdir"])
+
+
+def _unknown_override(argv) -> str | None:
+  """The first ``--config.FIELD=...`` naming no field of the default config."""
+  from experiments.configs import default
+  for arg in argv[1:]:
+    if not arg.startswith("--config."):
+      continue
+    node = default.get_config()
+    path = arg[len("--config."):].split("=", 1)[0].split(".")
+    for n, key in enumerate(path):
+      if not hasattr(node, "keys"):
+        break
+      if key not in node:
+        return (f"unknown config field {'.'.join(path[:n + 1])!r} in {arg!r}"
+                f"; known fields here: {sorted(node.keys())}.")
+      node = node[key]
+  return None
+
+
+def parse_flags(argv):
+  """absl's parser, with a one-line message for an override it rejects."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    sys.exit(f"error: {e}")
+  except Exception as e:       # noqa: BLE001 -- ml_collections' overrides
+    sys.exit(f"error: {_unknown_override(argv) or f'{type(e).__name__}: {e}'}")
 
 
 def main(argv):
@@ -50,7 +81,18 @@ def main(argv):
         _INIT_TIMEOUT.value)
   except distributed.TopologyError as e:
     raise app.UsageError(str(e)) from None
-  report = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  try:
+    report = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  except workdir_lib.Preempted as e:
+    print(e, file=sys.stderr, flush=True)
+    sys.exit(e.exit_code)
+  except KeyboardInterrupt:
+    print("aborted without saving; run the same command again to resume "
+          "from the last checkpoint.", file=sys.stderr)
+    sys.exit(130)
+  except (train.ConfigError, train.TrainingDiverged, workdir_lib.WorkdirBusy,
+          data_lib.DataError) as e:
+    sys.exit(f"error: {e}")
   import jax
   if jax.process_index() == 0:
     print("results:", {k: v for k, v in report.items()
@@ -58,4 +100,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -12,8 +12,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import json
+import math
 import pathlib
+import shutil
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -30,14 +34,19 @@ import arl_jax
 from arl_jax import data as data_lib
 from arl_jax import fusion_weighting
 from arl_jax import models
+from arl_jax.data import uci_multifeature
+from arl_jax.models import fusion as fusion_lib
 from experiments import diagnostics
 from experiments import distributed
+from experiments import workdir as workdir_lib
 from experiments.configs import default as default_config
 
 AV_SOURCES = ("crema_d", "kinetics_sounds", "ave")
 IN_MEMORY_SOURCES = ("synthetic", "imbalanced", "uci")
 SOURCES = IN_MEMORY_SOURCES + AV_SOURCES
 FREE_FORM = {("data", "noise")}      # dict-valued fields whose keys are data
+PROGRESS = ("auto", "bar", "lines", "none")
+FUSION_NAMES = tuple(sorted(fusion_lib.FUSIONS))
 
 
 class ConfigError(ValueError):
@@ -92,9 +101,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     if config.data.augment not in ("host", "device", "auto"):
       raise ConfigError("config.data.augment must be 'host', 'device' or "
                         f"'auto'; got {config.data.augment!r}.")
-  for name in ("batch_size", "num_epochs", "eval_batch_size"):
-    if config[name] < 1:
-      raise ConfigError(f"config.{name} must be >= 1; got {config[name]}.")
+  _check_values(config)
   if config.optim.name not in OPTIMIZERS:
     raise ConfigError(f"config.optim.name must be one of {list(OPTIMIZERS)}; "
                       f"got {config.optim.name!r}.")
@@ -109,6 +116,94 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(f"method {config.method.name!r} with these fields needs "
                       "held-out rows: set config.data.heldout_fraction (e.g. "
                       "0.1).")
+
+
+def _check(ok: bool, field: str, allowed: str, value) -> None:
+  if not ok:
+    raise ConfigError(f"config.{field} must be {allowed}; got {value!r}.")
+
+
+def _is_int(v) -> bool:
+  return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+  return isinstance(v, (int, float, np.number)) and not isinstance(v, bool)
+
+
+def _check_values(config) -> None:
+  """Every field's value against what it may be (one message per field)."""
+  def at_least(field, low):
+    v = config[field] if "." not in field else config[field.split(".")[0]][
+        field.split(".")[1]]
+    _check(_is_int(v) and v >= low, field, f"an integer >= {low}", v)
+
+  def positive(field, v, upper=None, closed=True):
+    ok = _is_number(v) and math.isfinite(v) and v > 0 and (
+        upper is None or (v <= upper if closed else v < upper))
+    rng = ("a finite number > 0" if upper is None else
+           f"in (0, {upper}{']' if closed else ')'}")
+    _check(ok, field, rng, v)
+
+  def boolean(field, v):
+    _check(isinstance(v, bool), field, "True or False", v)
+
+  for name in ("batch_size", "num_epochs", "eval_batch_size",
+               "checkpoint_every_epochs"):
+    at_least(name, 1)
+  for name in ("seed", "warmup_epochs", "stop_after_epoch"):
+    at_least(name, 0)
+  _check(config.progress in PROGRESS, "progress", f"one of {list(PROGRESS)}",
+         config.progress)
+  boolean("plots", config.plots)
+  o = config.optim
+  positive("optim.learning_rate", o.learning_rate)
+  _check(_is_number(o.momentum) and 0 <= o.momentum < 1, "optim.momentum",
+         "in [0, 1)", o.momentum)
+  _check(_is_number(o.weight_decay) and math.isfinite(o.weight_decay)
+         and o.weight_decay >= 0, "optim.weight_decay", "a finite number >= 0",
+         o.weight_decay)
+  positive("optim.clip_norm", o.clip_norm)
+  positive("optim.decay_factor", o.decay_factor)
+  _check(all(_is_int(e) and e >= 0 for e in o.decay_epochs),
+         "optim.decay_epochs", "a tuple of integers >= 0", o.decay_epochs)
+  boolean("optim.check_scales", o.check_scales)
+  _check(config.model.fusion in FUSION_NAMES, "model.fusion",
+         f"one of {list(FUSION_NAMES)}", config.model.fusion)
+  _check(len(config.model.encoder_widths) > 0 and all(
+      _is_int(w) and w >= 1 for w in config.model.encoder_widths),
+         "model.encoder_widths", "a non-empty tuple of integers >= 1",
+         config.model.encoder_widths)
+  _check(config.parallel.mode in distributed.MODES, "parallel.mode",
+         f"one of {list(distributed.MODES)}", config.parallel.mode)
+  at_least("parallel.devices", 0)
+  boolean("diagnostics.linear_probe", config.diagnostics.linear_probe)
+  c = config.data
+  for name in ("num_classes",):
+    _check(_is_int(c[name]) and c[name] >= 2, f"data.{name}",
+           "an integer >= 2", c[name])
+  for name in ("dim", "num_frames", "image_size"):
+    _check(_is_int(c[name]) and c[name] >= 1, f"data.{name}",
+           "an integer >= 1", c[name])
+  for name in ("read_threads", "num_workers", "split_seed"):
+    _check(_is_int(c[name]) and c[name] >= 0, f"data.{name}",
+           "an integer >= 0", c[name])
+  _check(len(c.sizes) == 3 and all(_is_int(n) and n >= 1 for n in c.sizes),
+         "data.sizes", "three integers >= 1 (train, validation, test rows)",
+         c.sizes)
+  for name in ("nonlinear", "actor_disjoint", "skip_invalid"):
+    boolean(f"data.{name}", c[name])
+  if c.source == "synthetic":
+    _check(len(c.noise) >= 2, "data.noise",
+           "a mapping of two or more modality names to sigma", dict(c.noise))
+    for m, sigma in c.noise.items():
+      positive(f"data.noise.{m}", sigma)
+  if c.source == "uci":
+    views = tuple(c.views)
+    _check(len(views) >= 2 and len(set(views)) == len(views) and all(
+        v in uci_multifeature.VIEWS for v in views), "data.views",
+           f"two or more distinct views of {sorted(uci_multifeature.VIEWS)}",
+           views)
 
 
 def _source_modalities(config) -> list[str]:
@@ -146,9 +241,12 @@ class Data:
   modalities: tuple[str, ...]
   num_classes: int
   example: dict                           # a few inputs, for initialisation
-  train: Callable[[int], Iterator[dict]]  # epoch -> batches
+  # (epoch, first batch) -> that epoch's batches from the given one on
+  # (a resume mid-epoch starts where the run stopped).
+  train: Callable[[int, int], Iterator[dict]]
   evaluate: dict[str, Callable[[], Iterator[dict]]]
   steps_per_epoch: int
+  train_rows: int
   extra: dict
   # Traced into the jitted steps: (batch, rng) -> batch and batch -> batch.
   train_transform: Callable | None = None
@@ -224,13 +322,13 @@ def load_data(config, workdir: pathlib.Path, *, attach_heldout: bool = False,
     x, y = splits["train"]
     bs = config.batch_size
 
-    def train(epoch):
+    def train(epoch, first=0):
       batches = data_lib.iterate_batches(x, y, bs, shuffle=True,
                                          seed=config.seed, epoch=epoch,
                                          drop_last=True)
       if attach_heldout:
         batches = _with_heldout(batches, heldout, bs, config.seed, epoch)
-      return batches
+      return itertools.islice(batches, first, None)
 
     return Data(
         modalities=tuple(sorted(x)), num_classes=num_classes,
@@ -238,10 +336,13 @@ def load_data(config, workdir: pathlib.Path, *, attach_heldout: bool = False,
         evaluate={s: functools.partial(data_lib.iterate_batches, *splits[s],
                                        config.eval_batch_size)
                   for s in ("validation", "test")},
-        steps_per_epoch=len(y) // bs, extra=extra, splits=splits,
+        steps_per_epoch=len(y) // bs, train_rows=len(y), extra=extra,
+        splits=splits,
         heldout=heldout)
   kwargs = {"config": "actor_disjoint"} if (
       c.source == "crema_d" and c.actor_disjoint) else {}
+  if c.skip_invalid:
+    kwargs["skip_invalid"] = True
   prepared = pathlib.Path(c.prepared_dir or workdir / "data")
   builder = data_lib.prepare(c.source, c.path, prepared, **kwargs)
   src = data_lib.load_prepared(builder.data_dir)
@@ -264,12 +365,14 @@ def load_data(config, workdir: pathlib.Path, *, attach_heldout: bool = False,
       modalities=("audio", "visual"),
       num_classes=builder.info.features["label"].num_classes,
       example=first["inputs"],
-      train=lambda epoch: av(src["train"], batch_size=config.batch_size,
-                             train=True, seed=config.seed, epoch=epoch),
+      train=lambda epoch, first=0: av(
+          src["train"], batch_size=config.batch_size, train=True,
+          seed=config.seed, epoch=epoch, first_batch=first),
       evaluate={s: functools.partial(av, src[s], batch_size=config.eval_batch_size,
                                      train=False)
                 for s in ("validation", "test")},
       steps_per_epoch=len(src["train"]) // config.batch_size,
+      train_rows=len(src["train"]),
       extra={"augment": augment},
       train_transform=aug.train if on_device else None,
       eval_transform=aug.eval if on_device else None,
@@ -391,10 +494,8 @@ def encoder_distance(initial, final, modalities) -> dict[str, float]:
   return {m: float(np.sqrt(v)) for m, v in sq.items()}
 
 
-def _mean_metrics(history: list[dict], to_host=jax.device_get) -> dict:
-  # Stacked on the device first: one transfer per metric, not per step.
-  stacked = to_host(jax.tree.map(lambda *xs: jnp.stack(xs), *history))
-  return jax.tree.map(lambda x: float(np.mean(x)), stacked)
+def _ratio(a: float, b: float) -> float:
+  return a / b if b else math.nan
 
 
 def epoch_record(epoch, train, val, test, lr, modalities) -> dict:
@@ -408,8 +509,9 @@ def epoch_record(epoch, train, val, test, lr, modalities) -> dict:
       "warmup": train["warmup"], "update_skipped": train["update_skipped"],
       # Fig. 3 of the paper: the dependency ratio s_m / s_ref against the
       # inverse-variance ratio q_m / q_ref (ref: the last modality).
-      "dependency_ratio": {m: s[m] / s[ref] for m in modalities if m != ref},
-      "inverse_variance_ratio": {m: q[m] / q[ref] for m in modalities
+      "dependency_ratio": {m: _ratio(s[m], s[ref]) for m in modalities
+                           if m != ref},
+      "inverse_variance_ratio": {m: _ratio(q[m], q[ref]) for m in modalities
                                  if m != ref},
       "val_accuracy": val["accuracy"], "val_macro_f1": val["macro_f1"],
       "val_unimodal_accuracy": val["unimodal_accuracy"],
@@ -457,10 +559,7 @@ def _barrier(name: str) -> None:
     multihost_utils.sync_global_devices(name)
 
 
-def _write_atomic(path: pathlib.Path, text: str) -> None:
-  tmp = path.with_name(path.name + ".tmp")
-  tmp.write_text(text)
-  tmp.replace(path)
+_write_atomic = workdir_lib.write_atomic
 
 
 def _true_class_variance(r: dict) -> dict[str, float]:
@@ -534,12 +633,42 @@ class _Progress:
 
 # ------------------------------------------------------------------- train --
 
+class TrainingDiverged(RuntimeError):
+  """The training loss stopped being finite; nothing of the epoch was kept."""
+
+
+def _lock(workdir: pathlib.Path, writer: bool) -> workdir_lib.WorkdirLock:
+  """Process 0 locks the workdir; every process learns whether it could."""
+  lock = workdir_lib.WorkdirLock(workdir)
+  error = None
+  if writer:
+    try:
+      lock.acquire()
+    except workdir_lib.WorkdirBusy as e:
+      error = e
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    busy = int(multihost_utils.broadcast_one_to_all(
+        np.int32(error is not None)))
+    if busy and error is None:
+      error = lock._busy()
+  if error is not None:
+    raise error
+  return lock
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict,
                        workdir: str | pathlib.Path) -> dict:
   """Trains ``config`` in ``workdir`` (resuming it if interrupted).
 
   Returns the final report (also written to ``workdir/results.json``): test
   accuracy and macro-F1 at the best *validation* epoch and at the last epoch.
+
+  Raises :class:`ConfigError` (before anything is written),
+  :class:`experiments.workdir.WorkdirBusy` (another run holds ``workdir``),
+  :class:`experiments.workdir.Preempted` (SIGTERM/SIGINT: the state was
+  saved at a step boundary; calling again resumes exactly there) and
+  :class:`TrainingDiverged`.
   """
   validate_config(config)
   try:
@@ -549,21 +678,141 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       topology.check_batch_size(config[name], f"config.{name}")
   except distributed.TopologyError as e:
     raise ConfigError(str(e)) from None
-  writer = topology.is_writer
   workdir = pathlib.Path(workdir)
+  created = not workdir.exists()
+  lock = _lock(workdir, topology.is_writer)
+  # One process cannot stop a collective run alone: several processes stop
+  # on SIGTERM through JAX's preemption service (every process saves at the
+  # same step); one process handles SIGTERM and Ctrl-C itself.
+  signals = () if jax.process_count() > 1 else (signal.SIGTERM, signal.SIGINT)
+  try:
+    with workdir_lib.Preemption(signals) as preempt:
+      return _train_locked(config, workdir, topology, preempt)
+  except ConfigError:
+    if created and topology.is_writer and all(
+        p.name == ".lock" for p in workdir.iterdir()):
+      lock.release()
+      shutil.rmtree(workdir)      # refused before writing: leave no trace
+    raise
+  finally:
+    lock.release()
+
+
+def _log(message: str) -> None:
+  print(message, file=sys.stderr, flush=True)
+
+
+def _read_log(path: pathlib.Path, last_epoch: int) -> list[dict]:
+  """Records of epochs <= ``last_epoch`` from a JSONL log (a log, not the
+  run's record: a torn line -- what a kill mid-write leaves -- is dropped, a
+  missing file is empty)."""
+  out = []
+  if path.exists():
+    for line in path.read_text().splitlines():
+      try:
+        record = json.loads(line)
+      except ValueError:
+        continue
+      if isinstance(record, dict) and record.get("epoch", 0) <= last_epoch:
+        out.append(record)
+  return out
+
+
+class _Checkpoints:
+  """orbax steps (numbered by training steps done) with a SHA-256 record
+  per step, verified before a restore."""
+
+  def __init__(self, workdir: pathlib.Path, topology):
+    self.dir = (workdir / "checkpoints").absolute()
+    self.topology = topology
+    if topology.is_writer:
+      workdir_lib.set_aside_unverified(self.dir, log=_log)
+    _barrier("checkpoints verified")
+    self._open()
+
+  def _open(self):
+    self.manager = ocp.CheckpointManager(
+        self.dir, options=ocp.CheckpointManagerOptions(
+            max_to_keep=2, enable_async_checkpointing=False))
+
+  def restore(self, state):
+    """(state, meta, partial metrics or None) of the newest step that
+    restores; steps that do not are set aside. ``None`` when there is none."""
+    while (step := self.manager.latest_step()) is not None:
+      try:
+        meta = self.manager.restore(step, args=ocp.args.Composite(
+            meta=ocp.args.JsonRestore())).meta
+        items = {"state": ocp.args.StandardRestore(
+            self.topology.checkpointable(state))}
+        if meta.get("position"):
+          items["partial"] = ocp.args.StandardRestore()
+        restored = self.manager.restore(step,
+                                        args=ocp.args.Composite(**items))
+      except Exception as e:       # noqa: BLE001 -- any unreadable step
+        if jax.process_count() > 1:
+          raise
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        self.manager.close()
+        workdir_lib.set_aside(self.dir, step, "orbax cannot restore it ("
+                              f"{type(e).__name__}: {first})", log=_log)
+        self._open()
+        continue
+      partial = restored["partial"] if meta.get("position") else None
+      return (self.topology.from_checkpoint(restored["state"]), dict(meta),
+              partial)
+    return None
+
+  def save(self, step: int, state, meta: dict, partial=None) -> None:
+    items = {"state": ocp.args.StandardSave(
+                 self.topology.checkpointable(state)),
+             "meta": ocp.args.JsonSave(meta)}
+    if partial is not None:
+      items["partial"] = ocp.args.StandardSave(partial)
+    self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+    self.manager.wait_until_finished()
+    _barrier(f"checkpoint {step} saved")
+    if self.topology.is_writer:
+      workdir_lib.write_checksums(self.dir / str(step))
+    _barrier(f"checkpoint {step} recorded")
+
+  def close(self):
+    self.manager.wait_until_finished()
+    self.manager.close()
+
+
+def _host_metrics(step_metrics: list, to_host) -> dict:
+  # Stacked on the device first: one transfer per metric, not per step.
+  return to_host(jax.tree.map(lambda *xs: jnp.stack(xs), *step_metrics))
+
+
+def _mean(partial, stacked) -> dict:
+  """Per-metric means over the epoch's steps, those before a resume first."""
+  parts = [t for t in (partial, stacked) if t is not None]
+  whole = jax.tree.map(lambda *xs: np.concatenate(
+      [np.asarray(x) for x in xs]), *parts)
+  return jax.tree.map(lambda x: float(np.mean(x)), whole)
+
+
+def _train_locked(config, workdir: pathlib.Path, topology,
+                  preempt: workdir_lib.Preemption) -> dict:
+  writer = topology.is_writer
   if workdir.exists():
     _check_workdir(config, workdir)
   _barrier("workdir checked")
   method = make_method(config)
   if writer:
-    workdir.mkdir(parents=True, exist_ok=True)
-    _write_atomic(workdir / "config.json", _config_json(config))
     data = load_data(config, workdir, attach_heldout=method.needs_heldout,
                      topology=topology)
   _barrier("data prepared")       # one process prepares a TFDS data set
   if not writer:
     data = load_data(config, workdir, attach_heldout=method.needs_heldout,
                      topology=topology)
+  if data.steps_per_epoch < 1:
+    raise ConfigError(
+        f"config.batch_size {config.batch_size} is larger than the "
+        f"{data.train_rows} training rows: choose at most {data.train_rows}.")
+  if writer:
+    _write_atomic(workdir / "config.json", _config_json(config))
 
   model = build_model(config, data)
   params, model_state = models.init_model(model, jax.random.PRNGKey(config.seed),
@@ -593,48 +842,88 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
         features_only=True))
   state = topology.put_state(state)
 
-  manager = ocp.CheckpointManager(
-      (workdir / "checkpoints").absolute(),
-      options=ocp.CheckpointManagerOptions(max_to_keep=2,
-                                           enable_async_checkpointing=False))
-  meta = {"epoch": 0, "best_val": -1.0, "best_epoch": 0}
-  if manager.latest_step() is not None:
-    step = manager.latest_step()
-    restored = manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(topology.checkpointable(state)),
-        meta=ocp.args.JsonRestore()))
-    state = topology.from_checkpoint(restored.state)
-    meta = dict(restored.meta)
+  checkpoints = _Checkpoints(workdir, topology)
+  # The run's whole record lives in the checkpoint: metrics.jsonl and
+  # timings.jsonl are logs rewritten from it, never read to resume.
+  meta = {"epoch": 0, "best_val": -1.0, "best_epoch": 0, "history": [],
+          "position": None}
+  partial = None
+  restored = checkpoints.restore(state)
+  if restored is not None:
+    state, saved_meta, partial = restored
+    meta.update(saved_meta)
+    if "history" not in saved_meta:      # written before the record moved
+      meta["history"] = _read_log(workdir / "metrics.jsonl", meta["epoch"])
+  history = meta["history"]
   history_path = workdir / "metrics.jsonl"
-  history = []
-  if history_path.exists():          # keep only epochs the checkpoint covers
-    history = [json.loads(l) for l in history_path.read_text().splitlines()
-               if l.strip()]
-    history = [h for h in history if h["epoch"] <= meta["epoch"]]
-  _barrier("history read")
-  if writer and history_path.exists():
+  timings_path = workdir / "timings.jsonl"
+  _barrier("state restored")
+  if writer:
     _write_atomic(history_path,
-                  "".join(json.dumps(h) + "\n" for h in history))
+                  "".join(workdir_lib.json_line(h) for h in history))
+    _write_atomic(timings_path, "".join(
+        workdir_lib.json_line(t)
+        for t in _read_log(timings_path, meta["epoch"])))
 
-  for epoch in range(meta["epoch"] + 1, config.num_epochs + 1):
+  steps = data.steps_per_epoch
+  position = meta.pop("position") or {"epoch": meta["epoch"] + 1, "batch": 0}
+  multi = jax.process_count() > 1
+
+  def stop_requested(done: int) -> int:
+    if multi:
+      from jax.experimental import multihost_utils
+      return signal.SIGTERM if multihost_utils.reached_preemption_sync_point(
+          done) else 0
+    return preempt.requested
+
+  def save(epoch: int, batch: int, step_metrics) -> None:
+    """Checkpoint after ``batch`` of the ``steps`` batches of ``epoch``;
+    mid-epoch, with the epoch's step metrics so far."""
+    mid = batch < steps
+    stacked = None
+    if mid:
+      parts = [t for t in (partial, _host_metrics(step_metrics,
+                                                  topology.to_numpy))
+               if t is not None]
+      stacked = jax.tree.map(lambda *xs: np.concatenate(xs), *parts)
+    checkpoints.save((epoch - 1) * steps + batch, state,
+                     {**meta, "position": ({"epoch": epoch, "batch": batch}
+                                           if mid else None)}, stacked)
+
+  for epoch in range(position["epoch"], config.num_epochs + 1):
     start = time.perf_counter()
-    progress = _Progress(config.progress if writer else "none",
-                         data.steps_per_epoch,
+    first = position["batch"] if epoch == position["epoch"] else 0
+    if epoch != position["epoch"]:
+      partial = None
+    progress = _Progress(config.progress if writer else "none", steps,
                          f"epoch {epoch}/{config.num_epochs}")
     step_metrics = []
-    for i, batch in enumerate(data.train(epoch)):
+    for i, batch in enumerate(data.train(epoch, first), first):
       state, metrics = train_step(state, topology.put_batch(local(batch)))
       step_metrics.append(metrics)
       progress.step(metrics, i)
-    train = _mean_metrics(step_metrics, topology.to_numpy)
-    train_s = time.perf_counter() - start   # the steps (and the input pipeline)
+      if i + 1 < steps and (signum := stop_requested(
+          (epoch - 1) * steps + i + 1)):
+        save(epoch, i + 1, step_metrics)
+        checkpoints.close()
+        raise workdir_lib.Preempted(
+            signum, f"batch {i + 1} of {steps} of epoch {epoch}", workdir)
+    train = _mean(partial, _host_metrics(step_metrics, topology.to_numpy)
+                  if step_metrics else None)
+    train_s = time.perf_counter() - start   # the steps and the pipeline
+    if not np.isfinite(train["loss"]):
+      checkpoints.close()
+      raise TrainingDiverged(
+          f"training diverged in epoch {epoch}: the mean training loss is "
+          f"{train['loss']} (config.optim.learning_rate = "
+          f"{config.optim.learning_rate}); nothing of this epoch was saved.")
     val = evaluate(eval_step, state, data.evaluate["validation"],
                    data.num_classes, logits=weigh_fusion)
-    test = evaluate(eval_step, state, data.evaluate["test"], data.num_classes,
-                    logits=weigh_fusion)
+    test = evaluate(eval_step, state, data.evaluate["test"],
+                    data.num_classes, logits=weigh_fusion)
     step_count = int(topology.host(state.step))
-    record = epoch_record(epoch, train, val, test, schedule(step_count - 1),
-                          data.modalities)
+    record = epoch_record(epoch, train, val, test,
+                          schedule(step_count - 1), data.modalities)
     new_best = val["accuracy"] > meta["best_val"]
     if features is not None and (new_best or epoch == config.num_epochs):
       # Only where it is reported: the selected epoch and the last one.
@@ -652,29 +941,37 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       meta.update(best_val=val["accuracy"], best_epoch=epoch)
       if writer:
         _save_predictions(workdir, val, test)
-    record["time_s"] = time.perf_counter() - start
-    record["train_time_s"] = train_s
-    record["steps"] = len(step_metrics)
+    record["steps"] = len(step_metrics) + first
+    record = workdir_lib.finite_or_none(record)
     meta["epoch"] = epoch
     history.append(record)
+    timing = {"epoch": epoch, "time_s": time.perf_counter() - start,
+              "train_time_s": train_s, "resumed_at_batch": first}
     if writer:
       with open(history_path, "a") as f:
-        f.write(json.dumps(record) + "\n")
+        f.write(workdir_lib.json_line(record))
+      with open(timings_path, "a") as f:
+        f.write(workdir_lib.json_line(timing))
     progress.epoch(record)
-    if epoch % config.checkpoint_every_epochs == 0 or epoch == config.num_epochs:
-      manager.save(epoch, args=ocp.args.Composite(
-          state=ocp.args.StandardSave(topology.checkpointable(state)),
-          meta=ocp.args.JsonSave(meta)))
+    saved = (epoch % config.checkpoint_every_epochs == 0
+             or epoch == config.num_epochs)
+    if saved:
+      save(epoch, steps, None)
+    if epoch < config.num_epochs and (signum := stop_requested(
+        epoch * steps)):
+      if not saved:
+        save(epoch, steps, None)
+      checkpoints.close()
+      raise workdir_lib.Preempted(signum, f"the end of epoch {epoch}",
+                                  workdir)
     if config.stop_after_epoch and epoch >= config.stop_after_epoch and (
         epoch < config.num_epochs):
-      manager.wait_until_finished()
-      manager.close()
-      if epoch % config.checkpoint_every_epochs:
+      checkpoints.close()
+      if not saved:
         raise ConfigError("stop_after_epoch must fall on a checkpoint epoch "
                           "(a multiple of checkpoint_every_epochs).")
       return {"stopped_after_epoch": epoch, "workdir": str(workdir)}
-  manager.wait_until_finished()
-  manager.close()
+  checkpoints.close()
   final_params = topology.host(state.params)
 
   best = next(h for h in history if h["epoch"] == meta["best_epoch"])

@@ -1,6 +1,8 @@
 import json
 import pathlib
+import re
 import shutil
+import warnings
 
 import numpy as np
 import pytest
@@ -108,6 +110,26 @@ def test_wav_to_spectrogram_resamples_and_fills(tmp_path):
   (tmp_path / "bad.wav").write_bytes(b"RIFF0000WAVEjunk")
   with pytest.raises(audio.AudioError, match="bad.wav"):
     audio.wav_to_spectrogram(tmp_path / "bad.wav")
+
+
+def test_wav_cut_short_is_an_error_naming_the_file(tmp_path):
+  from scipy.io import wavfile
+  full = tmp_path / "full.wav"
+  fixtures.write_wav(full, 0.5, 1, np.random.default_rng(0))   # 8000 samples
+  wavfile.write(tmp_path / "stereo.wav", 8000, np.zeros((101, 2), np.float32))
+  for name, declared in (("full.wav", 8000), ("stereo.wav", 101)):
+    whole = (tmp_path / name).read_bytes()
+    assert len(audio.read_wav(tmp_path / name)[0]) == declared
+    cut = tmp_path / f"cut_{name}"
+    for size in (len(whole) // 2, len(whole) - 1):
+      cut.write_bytes(whole[:size])
+      with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(audio.AudioError,
+                           match=rf"WAV file {re.escape(str(cut))} is cut short:"
+                                 rf" its header declares {declared} samples"):
+          audio.read_wav(cut)
+      assert not caught, [str(w.message) for w in caught]   # one message only
 
 
 # ------------------------------------------------------- TFDS + pipeline --
@@ -331,7 +353,10 @@ def test_kinetics_sounds_and_ave_layouts(tmp_path):
     ("no_frames", r"no frames .*Image-01-FPS/1001_DFA_NEU_XX"),
     ("bad_wav", r"cannot read WAV file .*1001_DFA_NEU_XX.wav"),
     ("bad_jpg", r"cannot read image .*1001_DFA_NEU_XX/000.jpg"),
-    ("bad_label", r"unknown label 'CALM'"),
+    ("cut_wav", r"WAV file .*1001_DFA_NEU_XX.wav is cut short: its header "
+                r"declares 8000 samples \(0.5 s at 16000 Hz\), the file holds"),
+    ("bad_label", r"clip '1001_DFA_NEU_XX' \(.*(train|test).csv, line \d+\) "
+                  r"has unknown label 'CALM'"),
 ])
 def test_bad_clips_are_named_or_skipped_and_reported(tmp_path, damage, match):
   root = fixtures.write_fake_crema_d(tmp_path / "raw", sentences=("DFA",),
@@ -346,20 +371,99 @@ def test_bad_clips_are_named_or_skipped_and_reported(tmp_path, damage, match):
     (root / "AudioWAV" / f"{clip}.wav").write_bytes(b"not a wav file")
   elif damage == "bad_jpg":
     (root / "Image-01-FPS" / clip / "000.jpg").write_bytes(b"\xff\xd8garbage")
+  elif damage == "cut_wav":     # e.g. an interrupted copy: half the file
+    wav = root / "AudioWAV" / f"{clip}.wav"
+    wav.write_bytes(wav.read_bytes()[:wav.stat().st_size // 2])
   else:
     path = root / listed
     path.write_text(path.read_text().replace(f"{clip},NEU", f"{clip},CALM"))
-  with pytest.raises(av_datasets.DataError, match=match):
-    data.prepare("crema_d", root, tmp_path / "strict")
-  if damage == "bad_label":
-    return                      # a wrong label list is never skipped silently
-  b = data.prepare("crema_d", root, tmp_path / "lenient", skip_invalid=True)
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    with pytest.raises(av_datasets.DataError, match=match):
+      data.prepare("crema_d", root, tmp_path / "strict")
+    b = data.prepare("crema_d", root, tmp_path / "lenient", skip_invalid=True)
+  # One clear message naming the file, no library warning that names none.
+  assert not [w for w in caught if "EOF" in str(w.message)]
   report = json.loads((pathlib.Path(b.data_dir) / "prepare_report.json").read_text())
   assert [r["clip_id"] for r in report["skipped"]] == [clip]
+  assert re.search(match, report["skipped"][0]["reason"])
   src = data.load_prepared(b.data_dir)
   assert sum(len(v) for v in src.values()) == 23
   clips = {src[s][i]["clip_id"].decode() for s in src for i in range(len(src[s]))}
   assert clip not in clips
+  if damage == "bad_label":     # a wrong label list is not a few bad clips
+    path = root / listed
+    path.write_text(re.sub(r",\w+$", ",CALM", path.read_text(), flags=re.M))
+    with pytest.raises(av_datasets.DataError,
+                       match=r"no clip of split '\w+' has a known label"):
+      data.prepare("crema_d", root, tmp_path / "wrong", skip_invalid=True)
+
+
+@pytest.mark.parametrize("name,title,needs", [
+    ("crema_d", "CREMA-D", ("AudioWAV/", "Image-01-FPS/", "train.csv",
+                            "test.csv")),
+    ("kinetics_sounds", "Kinetics-Sounds", ("audio/", "frames/", "classes.txt",
+                                            "train.csv", "test.csv")),
+    ("ave", "AVE", ("audio/", "frames/", "trainSet.txt", "testSet.txt")),
+])
+def test_folder_without_the_layout_says_what_it_needs(tmp_path, capfd, name,
+                                                      title, needs):
+  root = tmp_path / "copy"
+  root.mkdir()
+  for extra in (None, "videos"):     # empty, then a folder of something else
+    if extra:
+      (root / extra).mkdir()
+    with pytest.raises(av_datasets.DataError) as e:
+      data.prepare(name, root, tmp_path / "p")
+    message = str(e.value)
+    assert message.startswith(f"data root {root} does not have the {title} "
+                              f"layout: missing {', '.join(needs)}.")
+    assert all(f"\n  {n}" in message for n in needs)   # one line each
+    assert "Downloading" not in capfd.readouterr().out    # before TFDS starts
+  (root / needs[0]).mkdir()            # a partial copy: only the rest missing
+  with pytest.raises(av_datasets.DataError,
+                     match=f"layout: missing {', '.join(needs[1:])}."):
+    data.prepare(name, root, tmp_path / "p")
+
+
+def test_prepared_data_set_is_reused_without_its_copy(crema, tmp_path):
+  _, builder, _ = crema
+  prepared = pathlib.Path(builder.data_dir).parents[2]
+  (tmp_path / "gone").mkdir()
+  again = data.prepare("crema_d", tmp_path / "gone", prepared)
+  assert again.data_dir == builder.data_dir
+
+
+def test_damaged_prepared_file_is_named(crema, tmp_path):
+  _, builder, _ = crema
+  path = shutil.copytree(builder.data_dir, tmp_path / "prepared")
+  shard = next(path.glob("*-train.array_record-*"))
+  size = shard.stat().st_size
+  with open(shard, "r+b") as f:          # damage in the middle, same size
+    f.seek(size // 2)
+    f.write(b"\0" * 64)
+  assert shard.stat().st_size == size
+  match = (rf"prepared data file {re.escape(str(shard))} is damaged or "
+           rf"unreadable \(record \d+: .*mismatch.*\)\. Delete the prepared "
+           rf"data set {re.escape(str(path))} and prepare it again")
+  src = data.load_prepared(path)         # the files' indices are intact
+  with pytest.raises(data.DataError, match=match) as e:
+    for _ in av_pipeline.batches(src["train"], batch_size=4, train=False):
+      pass
+  assert e.value.__cause__ is None and e.value.__suppress_context__
+  with pytest.raises(data.DataError, match=match):
+    src["train"].__getitems__(list(range(len(src["train"]))))
+  decoded = data.load_prepared(path, decode_frames=True)["train"]
+  with pytest.raises(data.DataError, match=match):
+    [decoded[i] for i in range(len(decoded))]
+  # A file cut short is found when the data set is loaded.
+  test = next(path.glob("*-test.array_record-*"))
+  test.write_bytes(test.read_bytes()[:test.stat().st_size // 2])
+  with pytest.raises(data.DataError,
+                     match=rf"prepared data file {re.escape(str(test))} is "
+                           rf"damaged or unreadable .*Delete the prepared "
+                           rf"data set {re.escape(str(path))}"):
+    data.load_prepared(path)
 
 
 def test_missing_root_and_unprepared_dir(tmp_path):

@@ -10,7 +10,10 @@ zero padding (librosa's ``stft`` defaults), then ``log(|S| + 1e-7)``: a
 from __future__ import annotations
 
 import math
+import os
 import pathlib
+import struct
+import warnings
 
 import numpy as np
 
@@ -19,16 +22,84 @@ class AudioError(ValueError):
   """A WAV file that cannot be read (names the file)."""
 
 
+def _wav_frames(path: pathlib.Path) -> tuple[int, int, int] | None:
+  """(samples the header declares, samples the file holds, rate) of a WAV.
+
+  The declared count is the ``data`` chunk's size over the ``fmt `` chunk's
+  block size (RF64: the size in the ``ds64`` chunk); the held count is what
+  the bytes after the chunk's header make up. None for headers this does not
+  understand or a streaming writer's "unknown" size.
+  """
+  with open(path, "rb") as f:
+    head = f.read(12)
+    if len(head) < 12 or head[8:12] != b"WAVE" or head[:4] not in (
+        b"RIFF", b"RIFX", b"RF64"):
+      return None
+    endian = ">" if head[:4] == b"RIFX" else "<"
+    block_align, rate, ds64_size = None, 0, None
+    while True:
+      chunk = f.read(8)
+      if len(chunk) < 8:
+        return None
+      kind, size = chunk[:4], struct.unpack(endian + "I", chunk[4:])[0]
+      if kind == b"data":
+        if ds64_size is not None and size == 0xFFFFFFFF:
+          size = ds64_size
+        if not block_align or size == 0xFFFFFFFF:
+          return None
+        held = os.fstat(f.fileno()).st_size - f.tell()
+        return size // block_align, min(size, held) // block_align, rate
+      body = f.read(min(size, 64)) if kind in (b"fmt ", b"ds64") else b""
+      if kind == b"fmt " and len(body) >= 14:
+        rate = struct.unpack(endian + "I", body[4:8])[0]
+        block_align = struct.unpack(endian + "H", body[12:14])[0]
+      elif kind == b"ds64" and len(body) >= 16:
+        ds64_size = struct.unpack(endian + "Q", body[8:16])[0]
+      f.seek(size + (size & 1) - len(body), 1)   # chunks are word aligned
+
+
+def _cut_short(path, declared: int, held: int, rate: int) -> AudioError:
+  if rate:
+    declared_s = f"{declared} samples ({declared / rate:.3g} s at {rate} Hz)"
+    held_s = f"{held} ({held / rate:.3g} s)"
+  else:
+    declared_s, held_s = f"{declared} samples", f"{held}"
+  return AudioError(f"WAV file {path} is cut short: its header declares "
+                    f"{declared_s}, the file holds {held_s}; replace it with "
+                    "a complete copy.")
+
+
 def read_wav(path: str | pathlib.Path) -> tuple[np.ndarray, int]:
-  """Mono float32 samples in [-1, 1] and the sample rate of a WAV file."""
+  """Mono float32 samples in [-1, 1] and the sample rate of a WAV file.
+
+  A file holding fewer samples than its header declares (cut short, e.g. by
+  an interrupted copy) raises :class:`AudioError` naming the file; scipy's
+  warnings (which name no file) are turned into that error or re-issued
+  with the file's name.
+  """
   from scipy.io import wavfile
   path = pathlib.Path(path)
   if not path.is_file():
     raise FileNotFoundError(f"audio file {path} does not exist.")
   try:
-    rate, data = wavfile.read(path)
-  except Exception as e:  # scipy raises ValueError, EOFError, struct errors...
+    frames = _wav_frames(path)
+  except OSError as e:
     raise AudioError(f"cannot read WAV file {path}: {e}") from e
+  try:
+    with warnings.catch_warnings(record=True) as caught:
+      warnings.simplefilter("always")
+      rate, data = wavfile.read(path)
+  except Exception as e:  # scipy raises ValueError, EOFError, struct errors...
+    if frames is not None and frames[1] < frames[0]:
+      raise _cut_short(path, *frames) from None
+    raise AudioError(f"cannot read WAV file {path}: {e}") from e
+  if frames is not None and len(data) < frames[0]:   # the decoded duration
+    raise _cut_short(path, frames[0], len(data), rate)
+  for w in caught:
+    if "EOF" in str(w.message):   # "Reached EOF prematurely" (scipy)
+      raise AudioError(f"WAV file {path} is cut short: {w.message}")
+  for w in caught:                # anything else: re-issued, with the file
+    warnings.warn(f"WAV file {path}: {w.message}", w.category, stacklevel=2)
   if data.size == 0:
     raise AudioError(f"WAV file {path} holds no samples.")
   if np.issubdtype(data.dtype, np.integer):

@@ -9,17 +9,23 @@ TensorFlow. Splits: ``train``, ``validation`` (official where the data set has
 one, otherwise carved from train, stratified by class, fixed seed) and
 ``test``.
 
-Bad input: a missing root, a listed clip without audio or frames, an
-unreadable WAV or JPEG, or an unknown label raises :class:`DataError` naming
-the file; with ``skip_invalid=True`` such clips are skipped instead and listed
-in ``prepare_report.json`` next to the prepared data (:func:`prepare`).
+Bad input: a missing root or a folder without the data set's layout raises
+:class:`DataError` saying what the layout needs. A listed clip without audio
+or frames, an unreadable WAV or JPEG, a WAV file cut short (fewer samples than
+its header declares) or an unknown label raises :class:`DataError` naming the
+file; with ``skip_invalid=True`` such clips are skipped instead and listed in
+``prepare_report.json`` next to the prepared data (:func:`prepare`). A
+damaged prepared file (array_record) raises :class:`DataError` naming it when
+it is read (:func:`load_prepared`).
 """
 
 from __future__ import annotations
 
+import bisect
 import csv
 import dataclasses
 import io
+import itertools
 import json
 import os
 import pathlib
@@ -58,9 +64,11 @@ class Clip:
   audio: pathlib.Path
   frames: pathlib.Path
   group: str = ""          # e.g. CREMA-D actor, for group-disjoint splits
+  listed: str = ""         # where the clip is listed: "<file>, line <n>"
 
 
-def _read_list(path: pathlib.Path) -> list[tuple[str, str]]:
+def _read_list(path: pathlib.Path) -> list[tuple[str, str, str]]:
+  """``(clip, label, "<path>, line <n>")`` of each "clip,label" line."""
   if not path.is_file():
     raise DataError(f"split list {path} does not exist.")
   rows = []
@@ -70,8 +78,27 @@ def _read_list(path: pathlib.Path) -> list[tuple[str, str]]:
         continue
       if len(row) < 2:
         raise DataError(f"{path}, line {n}: expected 'clip,label'; got {row}.")
-      rows.append((row[0].strip(), row[1].strip()))
+      rows.append((row[0].strip(), row[1].strip(), f"{path}, line {n}"))
   return rows
+
+
+def _missing(root: pathlib.Path, layout) -> list[str]:
+  """The entries of ``layout`` (``name/`` a folder, else a file) not in root."""
+  missing = []
+  for name, _ in layout:
+    path = root / name.rstrip("/")
+    if not (path.is_dir() if name.endswith("/") else path.is_file()):
+      missing.append(name)
+  return missing
+
+
+def layout_error(title: str, root: pathlib.Path, layout, missing) -> DataError:
+  """The error for a folder without a data set's layout: what it needs."""
+  need = "\n".join(f"  {name:<14} {what}" for name, what in layout)
+  return DataError(
+      f"data root {root} does not have the {title} layout: missing "
+      f"{', '.join(missing)}. It must hold:\n{need}\n(the arl_jax README's "
+      "layout table; arl_jax.data.fixtures writes tiny examples).")
 
 
 def stratified_holdout(clips: Sequence[Clip], fraction: float, seed: int
@@ -130,6 +157,9 @@ if tfds is not None:
         "download_config=tfds.download.DownloadConfig(manual_dir=...) (see "
         "the arl_jax README for the expected layout).")
     CLASSES: tuple[str, ...] = ()
+    TITLE = ""
+    # What the local copy must hold: (name, what), "name/" a folder.
+    LAYOUT: tuple[tuple[str, str], ...] = ()
     SAMPLE_RATE = 22050
     SECONDS = 3.0
     HOP = 353
@@ -146,6 +176,13 @@ if tfds is not None:
       self.seed = seed
       self.skipped: list[dict] = []
       super().__init__(**kwargs)
+
+    @classmethod
+    def check_layout(cls, root: pathlib.Path) -> None:
+      """Raises :class:`DataError` (what is needed) if ``root`` lacks LAYOUT."""
+      missing = _missing(pathlib.Path(root), cls.LAYOUT)
+      if missing:
+        raise layout_error(cls.TITLE, pathlib.Path(root), cls.LAYOUT, missing)
 
     # -- what subclasses provide ------------------------------------------
     def list_splits(self, root: pathlib.Path) -> dict[str, list[Clip]]:
@@ -180,19 +217,33 @@ if tfds is not None:
           metadata=tfds.core.MetadataDict())
 
     def _split_generators(self, dl_manager):
-      root = pathlib.Path(dl_manager.manual_dir)
+      # The root as given (TFDS's dl_manager.manual_dir asserts that the
+      # folder is not empty, with advice meant for TFDS's own data sets).
+      root = self._manual_root or pathlib.Path(dl_manager.manual_dir)
       if not root.is_dir():
         raise DataError(f"data root {root} does not exist.")
+      self.check_layout(root)
       splits = self.list_splits(root)
+      known = set(self.classes(root))
+      for name, clips in splits.items():
+        keep = []
+        for c in clips:
+          if c.label in known:
+            keep.append(c)
+            continue
+          reason = (f"clip {c.clip_id!r} ({c.listed or name}) has unknown "
+                    f"label {c.label!r}; known labels: {sorted(known)}.")
+          if not self.skip_invalid:
+            raise DataError(reason)
+          self.skipped.append({"clip_id": c.clip_id, "reason": reason})
+        if clips and not keep:   # a wrong label list, not a few bad clips
+          raise DataError(f"no clip of split {name!r} has a known label (e.g. "
+                          f"{clips[0].label!r}, {clips[0].listed}); known "
+                          f"labels: {sorted(known)}.")
+        splits[name] = keep
       if "validation" not in splits:
         splits["train"], splits["validation"] = stratified_holdout(
             splits["train"], self.VALIDATION_FRACTION, self.seed)
-      known = set(self.classes(root))
-      for name, clips in splits.items():
-        for c in clips:
-          if c.label not in known:
-            raise DataError(f"clip {c.clip_id!r} ({name}) has unknown label "
-                            f"{c.label!r}; known labels: {sorted(known)}.")
       return {name: self._generate_examples(clips)
               for name, clips in splits.items()}
 
@@ -249,6 +300,12 @@ if tfds is not None:
     """
 
     CLASSES = CREMA_D_CLASSES
+    TITLE = "CREMA-D"
+    LAYOUT = (
+        ("AudioWAV/", "<clip>.wav, e.g. AudioWAV/1001_DFA_ANG_XX.wav"),
+        ("Image-01-FPS/", "<clip>/*.jpg, the frames at 1 fps"),
+        ("train.csv", "'clip,label' lines (labels NEU HAP SAD FEA DIS ANG)"),
+        ("test.csv", "'clip,label' lines"))
     BUILDER_CONFIGS = [
         tfds.core.BuilderConfig(name="standard",
                                 description="the lists' train/test split"),
@@ -263,8 +320,9 @@ if tfds is not None:
     def list_splits(self, root):
       def clips(rows):
         return [Clip(c, label, root / "AudioWAV" / f"{c}.wav",
-                     root / "Image-01-FPS" / c, group=c.split("_")[0])
-                for c, label in rows]
+                     root / "Image-01-FPS" / c, group=c.split("_")[0],
+                     listed=where)
+                for c, label, where in rows]
       train = clips(_read_list(root / "train.csv"))
       test = clips(_read_list(root / "test.csv"))
       if not self.actor_disjoint:
@@ -295,6 +353,13 @@ if tfds is not None:
     """
 
     SAMPLE_RATE, SECONDS, HOP, TIME_FRAMES = 16000, 10.0, 159, 1004
+    TITLE = "Kinetics-Sounds"
+    LAYOUT = (
+        ("audio/", "<clip>.wav"),
+        ("frames/", "<clip>/*.jpg"),
+        ("classes.txt", "one class name a line"),
+        ("train.csv", "'clip,label' lines"),
+        ("test.csv", "'clip,label' lines (validation.csv optional)"))
 
     def classes(self, root=None):
       root = root or self._manual_root
@@ -314,7 +379,8 @@ if tfds is not None:
         if split == "validation" and not path.is_file():
           continue
         out[split] = [Clip(c, label, root / "audio" / f"{c}.wav",
-                           root / "frames" / c) for c, label in _read_list(path)]
+                           root / "frames" / c, listed=where)
+                      for c, label, where in _read_list(path)]
       return out
 
   class AVE(AudioVisualBuilder, skip_registration=True):
@@ -332,6 +398,12 @@ if tfds is not None:
 
     CLASSES = AVE_CLASSES
     SAMPLE_RATE, SECONDS, HOP, TIME_FRAMES = 16000, 10.0, 159, 1004
+    TITLE = "AVE"
+    LAYOUT = (
+        ("audio/", "<VideoID>.wav"),
+        ("frames/", "<VideoID>/*.jpg"),
+        ("trainSet.txt", "'Category&VideoID&Quality&StartTime&EndTime' lines"),
+        ("testSet.txt", "the same (valSet.txt optional)"))
 
     def list_splits(self, root):
       out = {}
@@ -352,7 +424,7 @@ if tfds is not None:
                             f"'Category&VideoID&...'; got {line!r}.")
           category, vid = parts[0].strip(), parts[1].strip()
           clips.append(Clip(vid, category, root / "audio" / f"{vid}.wav",
-                            root / "frames" / vid))
+                            root / "frames" / vid, listed=f"{path}, line {n}"))
         out[split] = clips
       return out
 
@@ -362,19 +434,24 @@ else:  # pragma: no cover
 
 
 def prepare(name: str, manual_dir: str | os.PathLike, data_dir: str | os.PathLike,
-            **builder_kwargs):
+            *, skip_invalid: bool = False, **builder_kwargs):
   """Prepares a data set once from a local copy; returns the TFDS builder.
 
   Args:
     name: ``crema_d``, ``kinetics_sounds`` or ``ave``.
     manual_dir: the local copy (layout: the builder's docstring, README).
     data_dir: where the prepared array_record files go.
-    **builder_kwargs: ``skip_invalid``, ``frame_size``, ``seed``,
-      ``config="actor_disjoint"`` (CREMA-D).
+    skip_invalid: skip bad clips (missing or unreadable audio or frames, a
+      WAV file cut short, an unknown label) instead of raising
+      :class:`DataError`; they are listed in ``prepare_report.json``.
+    **builder_kwargs: ``frame_size``, ``seed``, ``config="actor_disjoint"``
+      (CREMA-D).
 
   The skipped clips (with ``skip_invalid=True``) are written to
-  ``<data_dir>/<name>/prepare_report.json``; an already prepared data set is
-  reused as is (TFDS never overwrites it).
+  ``prepare_report.json`` in ``builder.data_dir``; an already prepared data
+  set is reused as is (TFDS never overwrites it). A ``manual_dir`` without
+  the data set's layout raises :class:`DataError` listing what it needs
+  (before TFDS starts preparing).
   """
   if tfds is None:
     raise ImportError("preparing audio-visual data needs tensorflow-datasets: "
@@ -384,9 +461,18 @@ def prepare(name: str, manual_dir: str | os.PathLike, data_dir: str | os.PathLik
   manual_dir = pathlib.Path(manual_dir)
   if not manual_dir.is_dir():
     raise DataError(f"data root {manual_dir} does not exist.")
-  builder = BUILDERS[name](data_dir=os.fspath(data_dir),
-                           file_format="array_record", manual_dir=manual_dir,
-                           **builder_kwargs)
+  cls = BUILDERS[name]
+  missing = _missing(manual_dir, cls.LAYOUT)
+  try:
+    builder = cls(data_dir=os.fspath(data_dir), file_format="array_record",
+                  manual_dir=manual_dir, skip_invalid=skip_invalid,
+                  **builder_kwargs)
+  except DataError:   # Kinetics-Sounds reads classes.txt here
+    if missing:
+      raise layout_error(cls.TITLE, manual_dir, cls.LAYOUT, missing) from None
+    raise
+  if missing and not pathlib.Path(builder.data_dir).exists():  # else reused
+    raise layout_error(cls.TITLE, manual_dir, cls.LAYOUT, missing)
   builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
       manual_dir=os.fspath(manual_dir)))
   store_uncompressed(builder.data_dir)
@@ -445,6 +531,92 @@ def frame_canvas(source) -> tuple[int, int]:
   return int(hw[0]), int(hw[1])
 
 
+def _shards(dataset_info, split) -> list:
+  """TFDS's file instructions of a split: its files and their record counts."""
+  return list(dataset_info.splits[split].file_instructions)
+
+
+def _damaged(filename, version_dir, error) -> DataError:
+  return DataError(
+      f"prepared data file {filename} is damaged or unreadable ({error}). "
+      f"Delete the prepared data set {version_dir} and prepare it again "
+      "(arl_jax.data.prepare, or rerun the training, which prepares it).")
+
+
+def _check_shards(dataset_info, version_dir) -> None:
+  """Each split's files exist, open and hold the records TFDS lists.
+
+  Cheap (an array_record file's index is read, not its records): catches a
+  missing or cut file up front; damage inside a record is caught when it is
+  read (:class:`_NamedReads`).
+  """
+  from array_record.python import array_record_module as ar
+  for split in dataset_info.splits:
+    for shard in _shards(dataset_info, split):
+      filename = os.fspath(shard.filename)
+      try:
+        reader = ar.ArrayRecordReader(filename)
+        try:
+          count = reader.num_records()
+        finally:
+          reader.close()
+      except Exception as e:  # riegeli raises RuntimeError/OSError/ValueError
+        raise _damaged(filename, version_dir, e) from None
+      if count != shard.examples_in_shard:
+        raise _damaged(filename, version_dir,
+                       f"{count} records, {shard.examples_in_shard} expected")
+
+
+class _NamedReads:
+  """A TFDS data source whose read errors name the damaged file.
+
+  The array_record reader reports damage (e.g. "chunk data hash mismatch")
+  without the file; this finds the split's file holding the record and
+  raises :class:`DataError` naming it and what to do. The message holds the
+  reader's own error (``from None``: one exception, also through grain).
+  """
+
+  def __init__(self, source, dataset_info, split):
+    self._source, self._len = source, len(source)
+    shards = _shards(dataset_info, split)
+    self._files = [os.fspath(s.filename) for s in shards]
+    self._ends = list(itertools.accumulate(s.take for s in shards))
+    self._dir = dataset_info.data_dir
+
+  def __len__(self) -> int:
+    return self._len
+
+  def _error(self, i, e) -> DataError:
+    k = min(bisect.bisect_right(self._ends, int(i)), len(self._files) - 1)
+    return _damaged(self._files[k], self._dir, f"record {i}: {e}")
+
+  def __getitem__(self, i):
+    if not 0 <= i.__index__() < self._len:
+      raise IndexError(f"record {i} of {self._len}")
+    try:
+      return self._source[i]
+    except Exception as e:
+      raise self._error(i, e) from None
+
+  def __getitems__(self, keys):
+    try:
+      return self._source.__getitems__(keys)
+    except Exception:   # which record: read them one at a time
+      return [self[k] for k in keys]
+
+  def __iter__(self):
+    for i in range(len(self)):
+      yield self[i]
+
+  def __getattr__(self, name):   # dataset_info, split, ... of the source
+    if name.startswith("_"):
+      raise AttributeError(name)
+    return getattr(self._source, name)
+
+  def __repr__(self) -> str:
+    return repr(self._source)
+
+
 class PreparedSource:
   """One split of a prepared data set, read record by record (random access).
 
@@ -454,11 +626,13 @@ class PreparedSource:
   features taken straight from the ``tf.train.Example`` proto: the same
   values TFDS's own decoding gives (tested), for ~20 us instead of ~0.4 ms
   per record of generic per-feature Python. ``dataset_info`` is the TFDS
-  ``DatasetInfo``.
+  ``DatasetInfo``. A damaged file raises :class:`DataError` naming it.
   """
 
-  def __init__(self, raw_source, dataset_info):
-    self._raw, self.dataset_info = raw_source, dataset_info
+  def __init__(self, raw_source, dataset_info, split=None):
+    split = split if split is not None else raw_source.split
+    self._raw = _NamedReads(raw_source, dataset_info, split)
+    self.dataset_info = dataset_info
     self._audio_shape = tuple(dataset_info.features["audio"].shape)
 
   @staticmethod
@@ -500,6 +674,11 @@ def load_prepared(path: str | os.PathLike, *, decode_frames: bool = False
   back JPEG-encoded (``bytes``, a :class:`PreparedSource`) unless
   ``decode_frames`` (TFDS's own decoding: uint8 arrays, all frames): the
   pipeline decodes only the frames it samples.
+
+  Every file is checked to open and hold its records (cheap: the files'
+  indices are read); a damaged record raises :class:`DataError` naming the
+  file when it is read. Either error says to delete ``path`` and prepare the
+  data set again.
   """
   if tfds is None:
     raise ImportError("reading prepared data needs tensorflow-datasets.")
@@ -508,14 +687,16 @@ def load_prepared(path: str | os.PathLike, *, decode_frames: bool = False
     raise DataError(f"{path} is not a prepared data set (no "
                     "dataset_info.json); run arl_jax.data.prepare first.")
   builder = tfds.builder_from_directory(os.fspath(path))
+  _check_shards(builder.info, path)
   if decode_frames:
-    return builder.as_data_source()
+    return {split: _NamedReads(source, builder.info, split)
+            for split, source in builder.as_data_source().items()}
   features = sorted(builder.info.features.keys())
   if features != sorted(_FEATURES):
     raise DataError(f"{path} holds features {features}, not those of an "
                     f"arl_jax audio-visual data set {sorted(_FEATURES)}.")
   raw = builder.as_data_source(
       deserialize_method=tfds.decode.DeserializeMethod.RAW_BYTES)
-  return {split: PreparedSource(source, builder.info)
+  return {split: PreparedSource(source, builder.info, split)
           for split, source in raw.items()}
 

@@ -267,7 +267,7 @@ def batches(source, *, batch_size: int, train: bool, num_frames: int = 1,
             num_workers: int = 0, normalize: bool = False,
             augment: str = "host", canvas: tuple[int, int] | None = None,
             read_threads: int = 0, shard_index: int = 0,
-            shard_count: int = 1) -> Iterator[dict]:
+            shard_count: int = 1, first_batch: int = 0) -> Iterator[dict]:
   """One epoch of ``{"inputs": {"audio", "visual"}, "labels", "mask"}`` batches.
 
   Args:
@@ -293,6 +293,8 @@ def batches(source, *, batch_size: int, train: bool, num_frames: int = 1,
       ``batch_size / shard_count`` rows of every global batch (the rows
       :func:`arl_jax.parallel.global_batch` expects from it); the shards
       are disjoint and together cover the split.
+    first_batch: start at this batch of the epoch (the batches are those an
+      uninterrupted epoch yields from there on: resuming mid-epoch).
   """
   import grain
   if augment not in ("host", "device"):
@@ -328,6 +330,8 @@ def batches(source, *, batch_size: int, train: bool, num_frames: int = 1,
     ds = ds.random_map(loader, seed=seed + 104729 * epoch)
   else:
     ds = ds.map(loader)
+  if first_batch:     # a resume mid-epoch: the same batches from there on
+    ds = ds[first_batch:]
   it = ds.to_iter_dataset(grain.ReadOptions(
       num_threads=read_threads, prefetch_buffer_size=max(1, 2 * read_threads)))
   if num_workers > 0:

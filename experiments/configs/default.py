@@ -41,6 +41,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.read_threads = 0            # grain prefetch threads (0: inline)
   c.data.num_workers = 0             # grain worker processes (0: none)
   c.data.actor_disjoint = False
+  # Audio-visual preparation: skip clips that cannot be read (a damaged
+  # video or WAV, an unknown label) and list them in prepare_report.json
+  # (False: stop at the first one, naming it).
+  c.data.skip_invalid = False
   c.model = ml_collections.ConfigDict()
   c.model.encoder_widths = (64,)
   c.model.fusion = "concat"
