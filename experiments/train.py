@@ -1,10 +1,14 @@
 """The trainer: ``train_and_evaluate(config, workdir) -> final metrics``.
 
 One epoch loop around :func:`arl_jax.make_train_step`, with orbax
-checkpoints (every ``checkpoint_every_epochs`` and at the end; an interrupted
-run resumes from ``workdir``, bit-identically on CPU), per-epoch metrics in
-``workdir/metrics.jsonl``, model selection on the validation split only, and
-plots. The method is data (``config.method.name``): the trainer never looks at
+checkpoints (every ``checkpoint_every_epochs``, at the end, and at the step
+boundary after SIGTERM/SIGINT; verified by SHA-256 before a restore, see
+:mod:`experiments.workdir`), one run per workdir (a lock), per-epoch metrics
+in ``workdir/metrics.jsonl`` (a log; the run's record lives in the
+checkpoint), wall-clock timings in ``workdir/timings.jsonl``, model selection
+on the validation split only, and plots. An interrupted run resumes from
+``workdir`` bit-identically on CPU (metrics, results, predictions, state).
+The method is data (``config.method.name``): the trainer never looks at
 which one it runs.
 """
 

@@ -73,7 +73,7 @@ class WorkdirLock:
         f"{self.workdir} is in use by another run ({who}); wait for it to "
         "finish, stop it, or use another --workdir (nothing was changed).")
 
-  def acquire(self) -> "WorkdirLock":
+  def acquire(self) -> WorkdirLock:
     self.workdir.mkdir(parents=True, exist_ok=True)
     fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
     try:

@@ -324,3 +324,24 @@ def test_bad_imbalance_configs_fail_before_training(overrides, match, tmp_path):
   with pytest.raises(train.ConfigError, match=match):
     train.train_and_evaluate(tiny_imbalance(**overrides), tmp_path / "run")
   assert not (tmp_path / "run").exists()
+
+
+def test_runner_passes_skip_invalid_to_the_preparation(tmp_path):
+  from arl_jax import data as data_lib
+  from arl_jax.data import fixtures
+  root = fixtures.write_fake_crema_d(tmp_path / "raw", sentences=("DFA",),
+                                     frames=1, seconds=0.5)
+  clip = "1001_DFA_NEU_XX"
+  for name in ("train.csv", "test.csv"):
+    path = root / name
+    path.write_text(path.read_text().replace(f"{clip},NEU", f"{clip},CALM"))
+  c = crema_d.get_config()
+  c.data.path, c.data.image_size = str(root), 32
+  with pytest.raises(data_lib.DataError, match=f"{clip}.*unknown label 'CALM'"):
+    train.load_data(c, tmp_path / "strict")
+  c.data.skip_invalid = True
+  data = train.load_data(c, tmp_path / "lenient")
+  report = next((tmp_path / "lenient" / "data").rglob("prepare_report.json"))
+  assert [r["clip_id"] for r in json.loads(report.read_text())["skipped"]] == [
+      clip]
+  assert data.train_rows > 0

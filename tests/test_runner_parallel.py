@@ -16,6 +16,7 @@ from arl_jax import data as data_lib
 from arl_jax.data import fixtures
 from experiments import configs
 from experiments import train
+from experiments import workdir as workdir_lib
 from experiments.configs import synthetic
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -93,9 +94,11 @@ def _port():
     return s.getsockname()[1]
 
 
-# Run as one process of the CLI, SIGKILLing itself in the middle of epoch 3
-# (after checkpoint 2): the other process is then stuck in a collective and
-# the launcher stops it, as a scheduler would.
+# Run as one process of the CLI, signalling itself in the middle of epoch 3
+# (after checkpoint 2). SIGKILL: the other process is then stuck in a
+# collective and the launcher stops it, as a scheduler would. SIGTERM (a
+# preemption notice to one host): JAX's preemption service tells every
+# process, and all of them save at the same step and stop.
 _KILLED = """
 import os, signal, sys
 sys.argv = {argv!r}
@@ -108,19 +111,21 @@ def load_and_die(config, workdir, **kwargs):
   def batches(epoch, first=0):
     for i, batch in enumerate(epoch_batches(epoch, first), first):
       if epoch == 3 and i == 2:
-        os.kill(os.getpid(), signal.SIGKILL)
+        os.kill(os.getpid(), signal.{signal})
       yield batch
   data.train = batches
   return data
 train.load_data = load_and_die
-app.run(main.main)
+app.run(main.main, flags_parser=main.parse_flags)
 """
 
 
 def _launch(workdir, processes, extra=(), timeout=300, devices=4,
             num_processes=None, config="experiments/configs/synthetic.py",
-            overrides=OVERRIDES, kill_process=None):
-  """The runner's own CLI once per process on loopback; all or nothing."""
+            overrides=OVERRIDES, kill_process=None, send="SIGKILL"):
+  """The runner's own CLI once per process on loopback; all or nothing (a
+  process that fails has the others stopped; a preempted one, exit status
+  128 + SIGTERM, lets the others save and stop too)."""
   env = {**os.environ, "JAX_PLATFORMS": "cpu",
          "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
   port = _port()
@@ -131,7 +136,7 @@ def _launch(workdir, processes, extra=(), timeout=300, devices=4,
             "--config.progress=none", "--config.plots=False", *flags, *extra,
             "--coordinator", f"127.0.0.1:{port}", "--num_processes",
             str(num_processes or processes), "--process_id", str(i)]
-    cmd = ([sys.executable, "-c", _KILLED.format(argv=argv)]
+    cmd = ([sys.executable, "-c", _KILLED.format(argv=argv, signal=send)]
            if i == kill_process else [sys.executable, "-m", *argv])
     procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env,
                                   stdout=subprocess.PIPE,
@@ -139,7 +144,7 @@ def _launch(workdir, processes, extra=(), timeout=300, devices=4,
   deadline = time.monotonic() + timeout
   try:
     while any(p.poll() is None for p in procs):
-      if any(p.poll() not in (None, 0) for p in procs):
+      if any(p.poll() not in (None, 0, 128 + signal.SIGTERM) for p in procs):
         break
       assert time.monotonic() < deadline, "multi-process run timed out"
       time.sleep(0.2)
@@ -150,16 +155,28 @@ def _launch(workdir, processes, extra=(), timeout=300, devices=4,
   return [(p.wait(), p.stdout.read()) for p in procs]
 
 
-def test_two_processes_of_four_devices_kill_stop_resume_and_agree(one_device,
-                                                                  tmp_path):
+def test_two_processes_of_four_devices_preempt_stop_resume_and_agree(
+    one_device, tmp_path):
   workdir = tmp_path / "run"
   four = {**OVERRIDES, "num_epochs": 4}
-  # 1. Process 1 is killed in epoch 3; checkpoint 2 is on disk.
-  out = _launch(workdir, 2, kill_process=1, overrides=four)
-  assert out[1][0] == -signal.SIGKILL, out
-  assert (workdir / "checkpoints" / "16").exists()   # 8 steps per epoch
+  # 1. Process 1 gets SIGTERM in epoch 3 (checkpoint 16, after epoch 2, is on
+  # disk): both processes save at one step boundary and stop, each with the
+  # one-line message.
+  out = _launch(workdir, 2, kill_process=1, overrides=four, send="SIGTERM")
+  assert [code for code, _ in out] == [128 + signal.SIGTERM] * 2, out
+  # The step is the one JAX's service agrees on once the notice reached
+  # every process: in epoch 3 (mid-epoch) or at its end, on this machine.
+  saved = workdir_lib.saved_steps(workdir / "checkpoints")
+  assert saved[0] == 16 and 16 + 3 <= saved[1] <= 24, saved
+  where = (f"batch {saved[1] - 16} of 8 of epoch 3" if saved[1] < 24 else
+           "the end of epoch 3")
+  for _, text in out:
+    assert (f"SIGTERM: saved at {where} in {workdir}; run the same command "
+            "again") in text, text
+    assert "Traceback" not in text
   assert not (workdir / "results.json").exists()
-  # 2. Resumed, it stops cleanly after epoch 3 (--config.stop_after_epoch).
+  # 2. Resumed mid-epoch, it stops cleanly after epoch 3
+  # (--config.stop_after_epoch).
   out = _launch(workdir, 2, ["--config.stop_after_epoch=3"], overrides=four)
   assert all(code == 0 for code, _ in out), out
   # 3. Resumed again, it finishes; one process writes the results.

@@ -21,10 +21,10 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from test_runner import tiny_synthetic
 
 from experiments import train
 from experiments import workdir as workdir_lib
-from test_runner import tiny_synthetic
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TESTS = pathlib.Path(__file__).resolve().parent
