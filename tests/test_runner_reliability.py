@@ -272,15 +272,25 @@ def load_and_signal(config, workdir, **kwargs):
       yield batch
   data.train = batches
   return data
-train.load_data = load_and_signal
+if {during_save}:     # the signal arrives while checkpoint 16 is written
+  train.load_data = load
+  save = train._Checkpoints.save
+  def save_and_signal(self, step, *args, **kwargs):
+    if step == 16:
+      os.kill(os.getpid(), {signum})
+    return save(self, step, *args, **kwargs)
+  train._Checkpoints.save = save_and_signal
+else:
+  train.load_data = load_and_signal
 app.run(main.main, flags_parser=main.parse_flags)
 """
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT],
-                         ids=["SIGTERM", "SIGINT"])
-def test_preemption_saves_mid_epoch_and_resumes_exactly(signum, tmp_path,
-                                                        reference):
+@pytest.mark.parametrize("signum,during_save", [
+    (signal.SIGTERM, False), (signal.SIGINT, False), (signal.SIGINT, True)],
+                         ids=["SIGTERM", "SIGINT", "SIGINT_during_a_save"])
+def test_preemption_saves_mid_epoch_and_resumes_exactly(signum, during_save,
+                                                        tmp_path, reference):
   workdir = tmp_path / "run"
   argv = ["experiments.main", "--config", "experiments/configs/synthetic.py",
           "--workdir", str(workdir), "--config.data.sizes=(1024,256,256)",
@@ -289,22 +299,27 @@ def test_preemption_saves_mid_epoch_and_resumes_exactly(signum, tmp_path,
           "--config.parallel.devices=1"]
   proc = subprocess.run(
       [sys.executable, "-c", _PREEMPTED.format(
-          root=str(ROOT), tests=str(TESTS), argv=argv, signum=int(signum))],
+          root=str(ROOT), tests=str(TESTS), argv=argv, signum=int(signum),
+          during_save=during_save)],
       cwd=ROOT, env={**os.environ, "JAX_PLATFORMS": "cpu"},
       capture_output=True, text=True, timeout=300)
   assert proc.returncode == 128 + signum, proc.stderr
   assert "Traceback" not in proc.stderr
   last = proc.stderr.strip().splitlines()[-1]
-  assert last == (f"{signum.name}: saved at batch 6 of {STEPS} of epoch 2 "
-                  f"in {workdir}; run the same command again to resume "
-                  "exactly there."), proc.stderr
-  # Saved at the step boundary after the signal, mid-epoch.
-  assert workdir_lib.saved_steps(workdir / "checkpoints") == [16, 22]
+  where = ("the end of epoch 1" if during_save else
+           f"batch 6 of {STEPS} of epoch 2")
+  assert last == (f"{signum.name}: saved at {where} in {workdir}; run the "
+                  "same command again to resume exactly there."), proc.stderr
+  # Saved at the step boundary after the signal (mid-epoch); a save the
+  # signal interrupted finished first, and is the one kept.
+  assert workdir_lib.saved_steps(workdir / "checkpoints") == (
+      [16] if during_save else [16, 22])
   assert not (workdir / "results.json").exists()
   train.train_and_evaluate(config(), workdir)
   assert_same_run(workdir, reference)
   timings = strict_json_lines(workdir / "timings.jsonl")
-  assert [t["resumed_at_batch"] for t in timings] == [0, 6, 0]
+  assert [t["resumed_at_batch"] for t in timings] == (
+      [0, 0, 0] if during_save else [0, 6, 0])
 
 
 # ------------------------------------------------------------------ config --
