@@ -17,8 +17,12 @@ $(VENV)/.installed: pyproject.toml
 run: $(VENV)/.installed
 	$(PY) -m experiments.compare
 
+# Test modules run in parallel (one worker per core, at most 4; a module's
+# tests stay on one worker so that its fixtures are built once).
+JOBS ?= $(shell n=$$(nproc 2>/dev/null || echo 2); [ $$n -gt 4 ] && n=4; echo $$n)
+
 test: $(VENV)/.installed
-	$(PY) -m pytest
+	$(PY) -m pytest -n $(JOBS) --dist loadscope
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check arl_jax experiments tests

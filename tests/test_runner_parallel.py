@@ -129,7 +129,8 @@ def _launch(workdir, processes, extra=(), timeout=300, devices=4,
   process that fails has the others stopped; a preempted one, exit status
   128 + SIGTERM, lets the others save and stop too)."""
   env = {**os.environ, "JAX_PLATFORMS": "cpu",
-         "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+         "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices} "
+                      "--xla_backend_optimization_level=0"}
   port = _port()
   flags = [f"--config.{k}={v}".replace(" ", "") for k, v in overrides.items()]
   procs = []
