@@ -25,6 +25,7 @@ from arl_jax.methods import ARLNoResidual
 from arl_jax.methods import ARLReleased
 from arl_jax.methods import ARLReleasedApplied
 from arl_jax.methods import Method
+from arl_jax.methods import MMPareto
 from arl_jax.methods import Modulation
 from arl_jax.methods import UnimodalRegularisation
 from arl_jax.methods import make_method
@@ -54,6 +55,7 @@ __all__ = [
     "ARLReleased",
     "ARLReleasedApplied",
     "DEFAULT_ENTROPY_FLOOR",
+    "MMPareto",
     "Method",
     "ModalityStatistics",
     "Modulation",

@@ -71,10 +71,21 @@ def arl_loss(fused_logits: Array, unimodal_logits: Mapping[str, Array],
         f"logits have shape {(batch, classes)}.")
   _validation.check_labels(labels, batch, classes)
   _validation.check_mask(mask, batch)
-  # All K + 1 cross-entropies in one batched computation.
+  ce = loss_terms(fused_logits, unimodal_logits, labels, mask=mask)
+  return ce[0] + gamma * jnp.sum(ce[1:])
+
+
+def loss_terms(fused_logits: Array, unimodal_logits: Mapping[str, Array],
+               labels: Array, *, mask: Array | None = None) -> Array:
+  """``[CE(p_f, y), CE(p_m1, y), ..., CE(p_mK, y)]`` (modalities sorted).
+
+  The K + 1 masked mean cross-entropies of :func:`arl_loss`, unweighted (in
+  one batched computation); a method that needs each term's own gradient
+  (MMPareto) pulls them back separately.
+  """
+  names, _, classes = _validation.check_logits(unimodal_logits)
   w, labels = _rows(labels, mask, classes)
   stacked = jnp.stack([fused_logits] + [unimodal_logits[m] for m in names])
   per_example = optax.softmax_cross_entropy_with_integer_labels(
       stacked.astype(jnp.float32), labels[None])                  # [K+1, B]
-  ce = jnp.sum(per_example * w, axis=-1) / jnp.maximum(jnp.sum(w), 1.0)
-  return ce[0] + gamma * jnp.sum(ce[1:])
+  return jnp.sum(per_example * w, axis=-1) / jnp.maximum(jnp.sum(w), 1.0)

@@ -34,6 +34,7 @@ from arl_jax import fusion_weighting as fusion_lib
 from arl_jax import losses
 from arl_jax import optimizer_checks
 from arl_jax import statistics as stats_lib
+from arl_jax.labels import label_modalities
 from arl_jax.methods import Method
 from arl_jax.transforms import ScaleByModalityState
 
@@ -264,8 +265,30 @@ def make_train_step(apply_fn: ApplyFn, tx: optax.GradientTransformation,
       return loss * weight_of(count), (fused, unimodal, new_model_state,
                                         rows, safe, invalid)
 
-    (loss, (fused, unimodal, new_model_state, rows, safe, invalid)), grads = (
-        jax.value_and_grad(loss_fn, has_aux=True)(params))
+    if method.per_loss_gradients:
+      # One forward pass; the K + 1 loss terms' gradients from one vjp, their
+      # cotangents (the rows of the identity) pulled back together.
+      def terms_fn(params):
+        outputs, new_model_state = apply_fn(params, model_state, inputs,
+                                            train=True, rng=rng)
+        fused, unimodal, _ = _check_outputs(outputs, inputs)
+        rows, safe, invalid = _label_mask(labels, mask, jnp.shape(fused)[-1])
+        terms = losses.loss_terms(fused, unimodal, safe, mask=rows)
+        count = jnp.sum(rows.astype(jnp.float32))
+        return terms * weight_of(count), (fused, unimodal, new_model_state,
+                                          rows, safe, invalid)
+
+      terms, pull_back, aux = jax.vjp(terms_fn, params, has_aux=True)
+      fused, unimodal, new_model_state, rows, safe, invalid = aux
+      (stacked,) = jax.vmap(pull_back)(jnp.eye(terms.shape[0],
+                                               dtype=terms.dtype))
+      names = _validation.modality_names(unimodal, "unimodal logits")
+      grads = {key: jax.tree.map(lambda g, i=i: g[i], stacked)
+               for i, key in enumerate(("fused",) + names)}
+      loss = terms[0] + gamma * jnp.sum(terms[1:])
+    else:
+      (loss, (fused, unimodal, new_model_state, rows, safe, invalid)), grads = (
+          jax.value_and_grad(loss_fn, has_aux=True)(params))
     sums = (stats_lib.modality_statistics(unimodal, safe, rows),
             stats_lib.prediction_statistics(fused, safe, rows), invalid)
     return loss, grads, sums, new_model_state
@@ -344,6 +367,10 @@ def make_train_step(apply_fn: ApplyFn, tx: optax.GradientTransformation,
       loss, grads, stats, fused_stats, invalid, heldout = jax.lax.psum(
           (loss, grads, stats, fused_stats, invalid, heldout), axis_name)
       new_model_state = jax.lax.pmean(new_model_state, axis_name)
+    combine_diagnostics = {}
+    if method.per_loss_gradients:
+      grads, combine_diagnostics = method.combine_gradients(
+          grads, label_modalities(tuple(stats))(state.params), ~in_warmup)
     modulation, method_state = method.modulate(stats, heldout,
                                                state.method_state)
     scales = {m: jnp.where(in_warmup, 1.0, v).astype(jnp.float32)
@@ -379,6 +406,7 @@ def make_train_step(apply_fn: ApplyFn, tx: optax.GradientTransformation,
         "update_skipped": (~ok).astype(jnp.float32),
         "invalid_labels": invalid,
         **diagnostics,
+        **combine_diagnostics,
         **_per_modality_metrics(stats, modulation, scales),
     }
     if heldout is not None:

@@ -53,6 +53,8 @@ IMBALANCE_RUNS = {
     "ARL (held-out variance, EMA 0.9)": {
         "method.name": "arl", "method.estimator": "heldout_variance",
         "method.ema": 0.9},
+    "OGM-GE": {"method.name": "ogm_ge", "method.alpha": 0.5},
+    "MMPareto": {"method.name": "mmpareto"},
 }
 # Rows read from those runs' evaluation with weights at the fusion.
 FUSION_ROWS = {

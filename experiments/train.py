@@ -228,7 +228,7 @@ def make_method(config) -> arl_jax.Method:
   not have are ignored (so one config can switch methods).
   """
   name = config.method.name
-  cls = arl_jax.methods._REGISTRY[name]
+  cls = arl_jax.methods.method_class(name)
   fields = {f.name for f in dataclasses.fields(cls)}
   kwargs = {k: v for k, v in config.method.items()
             if k in fields and v is not None}

@@ -35,10 +35,12 @@ def _batch(rows=32, seed=0):
   return next(iterate_batches(x, y, rows))
 
 
-METHODS = [arl_jax.ARL(temperature=4.0), arl_jax.OGMGE(alpha=0.5)]
+METHODS = [arl_jax.ARL(temperature=4.0), arl_jax.OGMGE(alpha=0.5),
+           arl_jax.MMPareto()]
+IDS = ["arl", "ogm_ge", "mmpareto"]
 
 
-@pytest.mark.parametrize("method", METHODS, ids=["arl", "ogm_ge"])
+@pytest.mark.parametrize("method", METHODS, ids=IDS)
 def test_masked_rows_equal_the_step_on_the_unpadded_rows(method):
   batch = _batch()
   keep = np.ones(32, bool)
@@ -71,7 +73,7 @@ def _uneven_mask():
   return mask
 
 
-@pytest.mark.parametrize("method", METHODS, ids=["arl", "ogm_ge"])
+@pytest.mark.parametrize("method", METHODS, ids=IDS)
 @pytest.mark.parametrize("mode", ["pmap", "jit"])
 def test_uneven_valid_rows_per_device_equal_one_device(method, mode):
   batches = [{**_batch(seed=s), "mask": _uneven_mask()} for s in range(2)]

@@ -145,7 +145,7 @@ def _check_run(workdir, epochs, modalities, counts=None):
 
 def test_short_run_synthetic_and_method_switching(tmp_path):
   reports = {}
-  for method in ("concat", "arl", "ogm_ge"):
+  for method in ("concat", "arl", "ogm_ge", "mmpareto"):
     c = tiny_synthetic(epochs=2)
     c.method.name = method
     reports[method] = train.train_and_evaluate(c, tmp_path / method)
@@ -154,7 +154,7 @@ def test_short_run_synthetic_and_method_switching(tmp_path):
     # Each method's own coefficients: concat reports none, ARL a softmax,
     # OGM-GE damps (epoch means: the dominant modality may change by batch).
     a = history[-1]["a"]
-    if method == "concat":
+    if method in ("concat", "mmpareto"):   # MMPareto: no coefficients
       assert a == {"audio": 0.0, "visual": 0.0}
     elif method == "arl":
       assert sum(a.values()) == pytest.approx(1.0, abs=1e-5)

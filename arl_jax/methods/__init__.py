@@ -1,0 +1,27 @@
+"""Balancing methods, one module per method, each registered by name.
+
+:mod:`arl_jax.methods.base` holds the protocol (:class:`Method`,
+:class:`Modulation`) and the registry (:func:`register_method`,
+:func:`make_method`, :func:`method_names`); ``concat`` is the base
+:class:`Method` itself (plain multimodal training).
+"""
+
+from arl_jax.methods.arl import ARL
+from arl_jax.methods.arl import ARLNoResidual
+from arl_jax.methods.arl_released import ARLReleased
+from arl_jax.methods.arl_released import ARLReleasedApplied
+from arl_jax.methods.base import Method
+from arl_jax.methods.base import Modulation
+from arl_jax.methods.base import make_method
+from arl_jax.methods.base import method_class
+from arl_jax.methods.base import method_names
+from arl_jax.methods.base import register_method
+from arl_jax.methods.mmpareto import MMPareto
+from arl_jax.methods.ogm_ge import OGMGE
+from arl_jax.methods.unimodal_regularisation import UnimodalRegularisation
+
+__all__ = [
+    "ARL", "ARLNoResidual", "ARLReleased", "ARLReleasedApplied", "Method",
+    "MMPareto", "Modulation", "OGMGE", "UnimodalRegularisation", "make_method",
+    "method_class", "method_names", "register_method",
+]

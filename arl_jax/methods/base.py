@@ -1,0 +1,159 @@
+"""The method protocol and registry.
+
+Balancing methods: how each encoder's gradients are scaled, and by how much.
+
+A method is a small frozen dataclass with what the train step needs:
+
+* ``gamma`` / ``warmup_gamma``: the weight of the unimodal cross-entropies in
+  the loss (Eq. 22) after and during warm-up;
+* ``modulation(stats)``: from the per-modality batch sums of
+  :func:`arl_jax.modality_statistics`, the coefficients to report and the
+  multiplier applied to each encoder's gradients;
+* optionally, persistent state and held-out rows: ``init_state(modalities)``
+  (kept in ``TrainState.method_state``), ``needs_heldout`` and
+  ``modulate(stats, heldout_stats, state) -> (Modulation, state)``, which by
+  default calls ``modulation(stats)``.
+
+The train step never looks at which method it runs, so a new weighting rule is
+a new subclass (plus :func:`register_method` to make it reachable by name from
+configs); nothing else changes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+from typing import ClassVar
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from arl_jax.statistics import ModalityStatistics
+
+Array = jax.Array
+
+
+class Modulation(NamedTuple):
+  """What a method decides for one step, per modality."""
+  coefficients: dict[str, Array]   # the method's coefficient (a_m, k_m, ...)
+  scales: dict[str, Array]         # multiplier of encoder m's gradients
+  noise: dict[str, Array] | None   # std multiplier of gradient noise, or None
+  diagnostics: dict[str, Array] = {}   # extra scalar metrics of the step
+
+
+def _check_concrete(value: Any, what: str, ok, rule: str) -> None:
+  """Raises if a concrete hyper-parameter breaks ``rule`` (tracers pass)."""
+  if isinstance(value, jax.core.Tracer):
+    return
+  if not ok(float(value)):
+    raise ValueError(f"{what} must be {rule}; got {value}.")
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+  """Base class: plain multimodal training, no balancing (``concat``).
+
+  Attributes:
+    gamma: weight of the unimodal cross-entropies after warm-up (Eq. 22).
+    warmup_gamma: their weight during warm-up.
+  """
+  name: ClassVar[str] = "concat"
+  gamma: float = 0.0
+  warmup_gamma: float = 0.0
+
+  def __post_init__(self):
+    for field in ("gamma", "warmup_gamma"):
+      _check_concrete(getattr(self, field), field, lambda v: v >= 0, ">= 0")
+
+  def modulation(self, stats: Mapping[str, ModalityStatistics]) -> Modulation:
+    ones = {m: jnp.ones((), jnp.float32) for m in stats}
+    return Modulation(coefficients={m: jnp.zeros((), jnp.float32)
+                                    for m in stats},
+                      scales=ones, noise=None)
+
+  @property
+  def needs_heldout(self) -> bool:
+    """Whether every training batch must carry held-out rows."""
+    return False
+
+  def init_state(self, modalities) -> Any:
+    """The method's persistent state (a pytree; ``()`` if it keeps none)."""
+    del modalities
+    return ()
+
+  # Per-loss gradients. A method that sets this receives, instead of the
+  # gradient of Eq. 22, one gradient per loss term -- {"fused": ..., m: ...}
+  # for CE(p_f, y) and each CE(p_m, y) -- from one forward pass and one
+  # jax.vjp (the K + 1 cotangents pulled back together), summed over devices
+  # and micro-batches, and combines them in ``combine_gradients``.
+  per_loss_gradients: ClassVar[bool] = False
+
+  def combine_gradients(self, grads: Mapping[str, Any], labels: Any,
+                        active: Array) -> tuple[Any, dict[str, Array]]:
+    """``(gradient, diagnostics)`` from the per-loss gradients.
+
+    Args:
+      grads: ``{"fused": tree, modality: tree}``, one gradient tree (the
+        parameters' structure) per loss term.
+      labels: the parameters' tree of modality labels
+        (:func:`arl_jax.label_modalities`; ``"shared"`` outside encoders).
+      active: scalar bool, False during warm-up.
+    """
+    raise NotImplementedError(
+        f"{type(self).__name__} sets per_loss_gradients but does not define "
+        "combine_gradients.")
+
+  def modulate(self, stats: Mapping[str, ModalityStatistics],
+               heldout: Mapping[str, ModalityStatistics] | None,
+               state: Any) -> tuple[Modulation, Any]:
+    """One step's modulation from the batch (and held-out) sums and state."""
+    del heldout
+    return self.modulation(stats), state
+
+
+_REGISTRY: dict[str, type[Method]] = {}
+
+
+def register_method(cls: type[Method]) -> type[Method]:
+  """Makes a :class:`Method` subclass reachable by its ``name`` (a decorator)."""
+  if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
+    raise ValueError(f"a method named {cls.name!r} is already registered.")
+  _REGISTRY[cls.name] = cls
+  return cls
+
+
+register_method(Method)
+
+
+def method_names() -> tuple[str, ...]:
+  return tuple(sorted(_REGISTRY))
+
+
+def make_method(name: str, **kwargs: Any) -> Method:
+  """Builds a registered method by name, e.g. ``make_method("arl", temperature=8)``.
+
+  Raises:
+    ValueError: for an unknown name or a field the method does not have.
+  """
+  if name not in _REGISTRY:
+    raise ValueError(f"unknown method {name!r}; known methods: "
+                     f"{list(method_names())}.")
+  cls = _REGISTRY[name]
+  fields = {f.name for f in dataclasses.fields(cls)}
+  unknown = sorted(set(kwargs) - fields)
+  if unknown:
+    raise ValueError(f"method {name!r} has no field(s) {unknown}; its fields "
+                     f"are {sorted(fields)}.")
+  return cls(**kwargs)
+
+
+
+
+def method_class(name: str) -> type[Method]:
+  """The registered class of method ``name`` (its fields: the config's)."""
+  if name not in _REGISTRY:
+    raise ValueError(f"unknown method {name!r}; known methods: "
+                     f"{list(method_names())}.")
+  return _REGISTRY[name]
