@@ -19,6 +19,7 @@ from arl_jax.coefficients import released_arl_coefficients_from_statistics
 from arl_jax.labels import label_modalities
 from arl_jax.losses import arl_loss
 from arl_jax.losses import cross_entropy
+from arl_jax.methods import AGM
 from arl_jax.methods import ARL
 from arl_jax.methods import OGMGE
 from arl_jax.methods import ARLNoResidual
@@ -50,6 +51,7 @@ from arl_jax.unimodal import zero_other_modalities
 __version__ = "0.1.0"
 
 __all__ = [
+    "AGM",
     "ARL",
     "ARLNoResidual",
     "ARLReleased",

@@ -36,6 +36,7 @@ from arl_jax import optimizer_checks
 from arl_jax import statistics as stats_lib
 from arl_jax.labels import label_modalities
 from arl_jax.methods import Method
+from arl_jax.methods.base import LossContext
 from arl_jax.transforms import ScaleByModalityState
 
 Array = jax.Array
@@ -234,6 +235,12 @@ def make_train_step(apply_fn: ApplyFn, tx: optax.GradientTransformation,
   """
   _check_int(warmup_steps, "warmup_steps", 0)
   _check_int(accumulation_steps, "accumulation_steps", 1)
+  custom_loss = type(method).loss is not Method.loss
+  if custom_loss and (accumulation_steps > 1 or method.per_loss_gradients):
+    raise ValueError(
+        f"method {type(method).__name__} defines its own loss, which reads "
+        "the whole batch (its statistics are not sums over micro-batches): "
+        "use accumulation_steps=1.")
   checked: set[Any] = set()
 
   def check_tx_once(params, modalities):
@@ -252,18 +259,29 @@ def make_train_step(apply_fn: ApplyFn, tx: optax.GradientTransformation,
     checked.add(key)
 
   def forward_backward(params, model_state, inputs, labels, mask, rng, gamma,
-                       weight_of):
-    """Loss (times ``weight_of(rows)``), gradients and batch sums."""
+                       weight_of, method_state=(), active=True):
+    """Loss (times ``weight_of(rows)``), gradients, batch sums and what the
+    method's loss returned besides the loss (``{}`` by default)."""
 
     def loss_fn(params):
       outputs, new_model_state = apply_fn(params, model_state, inputs,
                                           train=True, rng=rng)
       fused, unimodal, _ = _check_outputs(outputs, inputs)
       rows, safe, invalid = _label_mask(labels, mask, jnp.shape(fused)[-1])
-      loss = losses.arl_loss(fused, unimodal, safe, gamma, mask=rows)
+      if custom_loss:
+        def forward(x):     # the same parameters, evaluation mode
+          outs, _ = apply_fn(params, model_state, x, train=False, rng=rng)
+          return _check_outputs(outs, x)[:2]
+        loss, method_aux = method.loss(LossContext(
+            fused=fused, unimodal=unimodal, labels=safe, rows=rows,
+            gamma=gamma, active=active, state=method_state, inputs=inputs,
+            forward=forward, axis_name=axis_name))
+      else:
+        loss = losses.arl_loss(fused, unimodal, safe, gamma, mask=rows)
+        method_aux = {}
       count = jnp.sum(rows.astype(jnp.float32))
       return loss * weight_of(count), (fused, unimodal, new_model_state,
-                                        rows, safe, invalid)
+                                        rows, safe, invalid, method_aux)
 
     if method.per_loss_gradients:
       # One forward pass; the K + 1 loss terms' gradients from one vjp, their
@@ -286,12 +304,14 @@ def make_train_step(apply_fn: ApplyFn, tx: optax.GradientTransformation,
       grads = {key: jax.tree.map(lambda g, i=i: g[i], stacked)
                for i, key in enumerate(("fused",) + names)}
       loss = terms[0] + gamma * jnp.sum(terms[1:])
+      method_aux = {}
     else:
-      (loss, (fused, unimodal, new_model_state, rows, safe, invalid)), grads = (
+      (loss, (fused, unimodal, new_model_state, rows, safe, invalid,
+              method_aux)), grads = (
           jax.value_and_grad(loss_fn, has_aux=True)(params))
     sums = (stats_lib.modality_statistics(unimodal, safe, rows),
             stats_lib.prediction_statistics(fused, safe, rows), invalid)
-    return loss, grads, sums, new_model_state
+    return loss, grads, sums, new_model_state, method_aux
 
   def train_step(state: TrainState, batch: Mapping[str, Any]):
     if not _has_scale_by_modality(state.opt_state):
@@ -316,9 +336,9 @@ def make_train_step(apply_fn: ApplyFn, tx: optax.GradientTransformation,
         if axis_name is None:
           return jnp.float32(1.0)
         return count / jnp.maximum(jax.lax.psum(count, axis_name), 1.0)
-      loss, grads, sums, new_model_state = forward_backward(
+      loss, grads, sums, new_model_state, method_aux = forward_backward(
           state.params, state.model_state, inputs, labels, mask, rng, gamma,
-          weight_of)
+          weight_of, state.method_state, ~in_warmup)
     else:
       # Sums over micro-batches (each loss weighted by its row count), then
       # one division by the rows of the whole (global) batch.
@@ -329,7 +349,7 @@ def make_train_step(apply_fn: ApplyFn, tx: optax.GradientTransformation,
       def one(carry, xs):
         k, b = xs
         model_state, acc = carry
-        loss, grads, sums, model_state = forward_backward(
+        loss, grads, sums, model_state, _ = forward_backward(
             state.params, model_state, b["inputs"], b["labels"],
             b.get("mask"), jax.random.fold_in(rng, 2 + k), gamma,
             lambda count: count)
@@ -348,6 +368,7 @@ def make_train_step(apply_fn: ApplyFn, tx: optax.GradientTransformation,
         rows = jax.lax.psum(rows, axis_name)
       loss, grads = jax.tree.map(lambda x: x / jnp.maximum(rows, 1.0),
                                  (loss, grads))
+      method_aux = {}
     stats, fused_stats, invalid = sums
     heldout = None
     if "heldout" in batch:
@@ -367,12 +388,12 @@ def make_train_step(apply_fn: ApplyFn, tx: optax.GradientTransformation,
       loss, grads, stats, fused_stats, invalid, heldout = jax.lax.psum(
           (loss, grads, stats, fused_stats, invalid, heldout), axis_name)
       new_model_state = jax.lax.pmean(new_model_state, axis_name)
-    combine_diagnostics = {}
+    combine_diagnostics = dict(method_aux.get("metrics", {}))
+    method_state = method_aux.get("state", state.method_state)
     if method.per_loss_gradients:
       grads, combine_diagnostics = method.combine_gradients(
           grads, label_modalities(tuple(stats))(state.params), ~in_warmup)
-    modulation, method_state = method.modulate(stats, heldout,
-                                               state.method_state)
+    modulation, method_state = method.modulate(stats, heldout, method_state)
     scales = {m: jnp.where(in_warmup, 1.0, v).astype(jnp.float32)
               for m, v in modulation.scales.items()}
     extra = {"modality_scales": scales}

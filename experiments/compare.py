@@ -55,6 +55,7 @@ IMBALANCE_RUNS = {
         "method.ema": 0.9},
     "OGM-GE": {"method.name": "ogm_ge", "method.alpha": 0.5},
     "MMPareto": {"method.name": "mmpareto"},
+    "AGM": {"method.name": "agm"},
 }
 # Rows read from those runs' evaluation with weights at the fusion.
 FUSION_ROWS = {

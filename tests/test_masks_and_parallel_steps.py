@@ -23,7 +23,8 @@ def _setup(method, axis_name=None, adam=False):
   opt = optax.adam(1e-2) if adam else optax.sgd(0.05, momentum=0.9)
   tx = arl_jax.with_modality_scales(opt, labels_of)
   state = arl_jax.TrainState.create(params=params, tx=tx,
-                                    rng=jax.random.PRNGKey(1))
+                                    rng=jax.random.PRNGKey(1), method=method,
+                                    modalities=("audio", "visual"))
   return state, arl_jax.make_train_step(user_model_apply, tx, method,
                                         axis_name=axis_name)
 
@@ -36,8 +37,8 @@ def _batch(rows=32, seed=0):
 
 
 METHODS = [arl_jax.ARL(temperature=4.0), arl_jax.OGMGE(alpha=0.5),
-           arl_jax.MMPareto()]
-IDS = ["arl", "ogm_ge", "mmpareto"]
+           arl_jax.MMPareto(), arl_jax.AGM()]
+IDS = ["arl", "ogm_ge", "mmpareto", "agm"]
 
 
 @pytest.mark.parametrize("method", METHODS, ids=IDS)

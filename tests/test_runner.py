@@ -145,7 +145,7 @@ def _check_run(workdir, epochs, modalities, counts=None):
 
 def test_short_run_synthetic_and_method_switching(tmp_path):
   reports = {}
-  for method in ("concat", "arl", "ogm_ge", "mmpareto"):
+  for method in ("concat", "arl", "ogm_ge", "mmpareto", "agm"):
     c = tiny_synthetic(epochs=2)
     c.method.name = method
     reports[method] = train.train_and_evaluate(c, tmp_path / method)
@@ -160,6 +160,9 @@ def test_short_run_synthetic_and_method_switching(tmp_path):
       assert sum(a.values()) == pytest.approx(1.0, abs=1e-5)
       assert history[-1]["scale"] == pytest.approx(
           {m: 1.0 + v for m, v in a.items()}, abs=1e-5)
+    elif method == "agm":      # c_m = exp(alpha min(r^ - r, 10)) > 0
+      assert all(v > 0 for v in a.values()) and a != {"audio": 1.0,
+                                                      "visual": 1.0}
     else:
       assert min(a.values()) < 0.99 and max(a.values()) <= 1.0
     # Trained: well above chance (6 classes) and below the Bayes optimum.
@@ -200,7 +203,9 @@ def _final_state(workdir):
     # OGM-GE's noise key and AdamW's moments must survive the resume too.
     {"method.name": "ogm_ge", "optim.name": "adamw",
      "optim.learning_rate": 1e-3},
-], ids=["arl_sgd", "ogm_ge_adamw"])
+    # AGM's running scores and step count (its method state) too.
+    {"method.name": "agm"},
+], ids=["arl_sgd", "ogm_ge_adamw", "agm"])
 def test_sigkill_and_resume_gives_identical_results(tmp_path, extra):
   epochs = 4
   overrides = {"data.sizes": (1024, 256, 256), "num_epochs": epochs, **extra}

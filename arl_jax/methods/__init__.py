@@ -6,6 +6,7 @@
 :class:`Method` itself (plain multimodal training).
 """
 
+from arl_jax.methods.agm import AGM
 from arl_jax.methods.arl import ARL
 from arl_jax.methods.arl import ARLNoResidual
 from arl_jax.methods.arl_released import ARLReleased
@@ -21,7 +22,7 @@ from arl_jax.methods.ogm_ge import OGMGE
 from arl_jax.methods.unimodal_regularisation import UnimodalRegularisation
 
 __all__ = [
-    "ARL", "ARLNoResidual", "ARLReleased", "ARLReleasedApplied", "Method",
+    "AGM", "ARL", "ARLNoResidual", "ARLReleased", "ARLReleasedApplied", "Method",
     "MMPareto", "Modulation", "OGMGE", "UnimodalRegularisation", "make_method",
     "method_class", "method_names", "register_method",
 ]

@@ -43,6 +43,40 @@ class Modulation(NamedTuple):
   diagnostics: dict[str, Array] = {}   # extra scalar metrics of the step
 
 
+class LossContext(NamedTuple):
+  """What a method's own loss (:meth:`Method.loss`) can read, in the step.
+
+  ``fused`` and ``unimodal`` are the training-mode outputs of this batch;
+  ``labels`` are safe to gather (out-of-range ones clipped) and ``rows``
+  (bool ``[batch]``) says which rows count; ``forward(inputs)`` runs the
+  same model, same parameters, in evaluation mode (differentiable: the loss
+  may use it, e.g. with a modality's input zeroed); ``state`` is the
+  method's state before the step; ``active`` is False during warm-up;
+  ``axis_name`` is the device axis under ``pmap`` (None otherwise): a batch
+  statistic is global only after :meth:`global_mean`.
+  """
+  fused: Any
+  unimodal: Mapping[str, Any]
+  labels: Any
+  rows: Any
+  gamma: Any
+  active: Any
+  state: Any
+  inputs: Mapping[str, Any]
+  forward: Any
+  axis_name: Any = None
+
+  def global_mean(self, per_row: Any) -> Any:
+    """Mean of ``per_row [batch, ...]`` over the counted rows of the
+    *global* batch (summed over devices under ``pmap``)."""
+    w = self.rows.astype(jnp.float32)
+    total = jnp.tensordot(w, per_row, axes=1)
+    count = jnp.sum(w)
+    if self.axis_name is not None:
+      total, count = jax.lax.psum((total, count), self.axis_name)
+    return total / jnp.maximum(count, 1.0)
+
+
 def _check_concrete(value: Any, what: str, ok, rule: str) -> None:
   """Raises if a concrete hyper-parameter breaks ``rule`` (tracers pass)."""
   if isinstance(value, jax.core.Tracer):
@@ -82,6 +116,18 @@ class Method:
     """The method's persistent state (a pytree; ``()`` if it keeps none)."""
     del modalities
     return ()
+
+  def loss(self, ctx: LossContext) -> tuple[Any, dict]:
+    """The training loss (a mean over ``ctx.rows``) and extras.
+
+    Default: Eq. 22, ``CE(p_f, y) + gamma * sum_m CE(p_m, y)``. A method
+    that overrides it (AGM) may return, besides the loss, ``{"state": new
+    method state, "metrics": {name: scalar or {modality: scalar}}}``; the
+    state then goes on to :meth:`modulate`.
+    """
+    from arl_jax import losses
+    return losses.arl_loss(ctx.fused, ctx.unimodal, ctx.labels, ctx.gamma,
+                           mask=ctx.rows), {}
 
   # Per-loss gradients. A method that sets this receives, instead of the
   # gradient of Eq. 22, one gradient per loss term -- {"fused": ..., m: ...}

@@ -66,6 +66,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.method.dependency = ml_collections.config_dict.placeholder(str)
   # MMPareto: Gamma, the rescale of the integrated gradient (official 1.5).
   c.method.magnitude = ml_collections.config_dict.placeholder(float)
+  # AGM: upper clamp of r^ - r (official CREMA-D 10); its alpha is method.alpha.
+  c.method.clamp = ml_collections.config_dict.placeholder(float)
   c.optim = ml_collections.ConfigDict()
   c.optim.name = "sgd"               # sgd (the paper's) | adamw | lion
   # Where ARL's per-modality scales act (arl_jax.with_modality_scales):
