@@ -25,6 +25,9 @@ from arl_jax.methods import OGMGE
 from arl_jax.methods import ARLNoResidual
 from arl_jax.methods import ARLReleased
 from arl_jax.methods import ARLReleasedApplied
+from arl_jax.methods import DiagnoseRelearn
+from arl_jax.methods import EpochContext
+from arl_jax.methods import LossContext
 from arl_jax.methods import Method
 from arl_jax.methods import MMPareto
 from arl_jax.methods import Modulation
@@ -57,6 +60,9 @@ __all__ = [
     "ARLReleased",
     "ARLReleasedApplied",
     "DEFAULT_ENTROPY_FLOOR",
+    "DiagnoseRelearn",
+    "EpochContext",
+    "LossContext",
     "MMPareto",
     "Method",
     "ModalityStatistics",

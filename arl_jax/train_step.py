@@ -61,7 +61,7 @@ class TrainState(flax.struct.PyTreeNode):
     if method is not None:
       if modalities is None:
         raise ValueError("TrainState.create(method=...) needs modalities=...")
-      method_state = method.init_state(tuple(modalities))
+      method_state = method.initial_state(tuple(modalities), params)
     return cls(step=jnp.zeros((), jnp.int32), params=params,
                opt_state=tx.init(params),
                model_state={} if model_state is None else model_state,

@@ -56,6 +56,7 @@ IMBALANCE_RUNS = {
     "OGM-GE": {"method.name": "ogm_ge", "method.alpha": 0.5},
     "MMPareto": {"method.name": "mmpareto"},
     "AGM": {"method.name": "agm"},
+    "D&R": {"method.name": "dr"},
 }
 # Rows read from those runs' evaluation with weights at the fusion.
 FUSION_ROWS = {

@@ -116,6 +116,11 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(f"config.model.dtype must be float32 or bfloat16; got "
                       f"{config.model.dtype!r}.")
   method = make_method(config)   # method-specific checks (T > 0, ...)
+  if method.has_epoch_hook and c.source not in IN_MEMORY_SOURCES:
+    raise ConfigError(f"method {config.method.name!r} reads the encoders' "
+                      "features of the whole training split after epochs: "
+                      "implemented for the in-memory sources "
+                      f"{list(IN_MEMORY_SOURCES)} only.")
   if method.needs_heldout and not c.heldout_fraction > 0:
     raise ConfigError(f"method {config.method.name!r} with these fields needs "
                       "held-out rows: set config.data.heldout_fraction (e.g. "
@@ -784,6 +789,16 @@ class _Checkpoints:
     self.manager.close()
 
 
+def _split_features(feature_fn, host_state, data: Data, split: str,
+                    chunk: int = 1024):
+  """``({modality: features}, labels)`` of every row of an in-memory split."""
+  x, y = data.splits[split]
+  parts = [jax.device_get(feature_fn(host_state, {
+      m: v[i:i + chunk] for m, v in x.items()}))
+           for i in range(0, len(y), chunk)]
+  return {m: np.concatenate([p[m] for p in parts]) for m in parts[0]}, y
+
+
 def _host_metrics(step_metrics: list, to_host) -> dict:
   # Stacked on the device first: one transfer per metric, not per step.
   return to_host(jax.tree.map(lambda *xs: jnp.stack(xs), *step_metrics))
@@ -844,6 +859,9 @@ def _train_locked(config, workdir: pathlib.Path, topology,
     features = jax.jit(lambda st, x: model.apply(
         {"params": st.params, **st.model_state}, x, train=False,
         features_only=True))
+  feature_fn = features or jax.jit(lambda st, x: model.apply(
+      {"params": st.params, **st.model_state}, x, train=False,
+      features_only=True))
   state = topology.put_state(state)
 
   checkpoints = _Checkpoints(workdir, topology)
@@ -945,6 +963,17 @@ def _train_locked(config, workdir: pathlib.Path, topology,
       meta.update(best_val=val["accuracy"], best_epoch=epoch)
       if writer:
         _save_predictions(workdir, val, test)
+    if method.has_epoch_hook:
+      # Outside jit, after the epoch's evaluation; what it changes is in the
+      # checkpoint below.
+      context = arl_jax.EpochContext(
+          modalities=data.modalities, num_classes=data.num_classes,
+          features=functools.partial(_split_features, feature_fn,
+                                     topology.host(state), data),
+          seed=config.seed)
+      state, hook_record = method.epoch_end(epoch, state, context)
+      if hook_record:
+        record["method"] = hook_record
     record["steps"] = len(step_metrics) + first
     record = workdir_lib.finite_or_none(record)
     meta["epoch"] = epoch

@@ -205,7 +205,10 @@ def _final_state(workdir):
      "optim.learning_rate": 1e-3},
     # AGM's running scores and step count (its method state) too.
     {"method.name": "agm"},
-], ids=["arl_sgd", "ogm_ge_adamw", "agm"])
+    # D&R's initial encoders and count, and its re-initialisation after
+    # epoch 2 (before checkpoint 2).
+    {"method.name": "dr", "method.every": 2},
+], ids=["arl_sgd", "ogm_ge_adamw", "agm", "dr"])
 def test_sigkill_and_resume_gives_identical_results(tmp_path, extra):
   epochs = 4
   overrides = {"data.sizes": (1024, 256, 256), "num_epochs": epochs, **extra}

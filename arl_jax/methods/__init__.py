@@ -11,18 +11,22 @@ from arl_jax.methods.arl import ARL
 from arl_jax.methods.arl import ARLNoResidual
 from arl_jax.methods.arl_released import ARLReleased
 from arl_jax.methods.arl_released import ARLReleasedApplied
+from arl_jax.methods.base import EpochContext
+from arl_jax.methods.base import LossContext
 from arl_jax.methods.base import Method
 from arl_jax.methods.base import Modulation
 from arl_jax.methods.base import make_method
 from arl_jax.methods.base import method_class
 from arl_jax.methods.base import method_names
 from arl_jax.methods.base import register_method
+from arl_jax.methods.diagnose_relearn import DiagnoseRelearn
 from arl_jax.methods.mmpareto import MMPareto
 from arl_jax.methods.ogm_ge import OGMGE
 from arl_jax.methods.unimodal_regularisation import UnimodalRegularisation
 
 __all__ = [
-    "AGM", "ARL", "ARLNoResidual", "ARLReleased", "ARLReleasedApplied", "Method",
-    "MMPareto", "Modulation", "OGMGE", "UnimodalRegularisation", "make_method",
+    "AGM", "ARL", "ARLNoResidual", "ARLReleased", "ARLReleasedApplied",
+    "DiagnoseRelearn", "EpochContext", "LossContext", "MMPareto", "Method",
+    "Modulation", "OGMGE", "UnimodalRegularisation", "make_method",
     "method_class", "method_names", "register_method",
 ]

@@ -43,6 +43,19 @@ class Modulation(NamedTuple):
   diagnostics: dict[str, Array] = {}   # extra scalar metrics of the step
 
 
+class EpochContext(NamedTuple):
+  """What an epoch hook (:meth:`Method.epoch_end`) can read.
+
+  ``features(split)`` returns ``({modality: [rows, dim]}, labels)``: the
+  encoders' evaluation-mode features of every row of ``"train"`` or
+  ``"validation"`` (never the test split).
+  """
+  modalities: tuple
+  num_classes: int
+  features: Any
+  seed: int = 0
+
+
 class LossContext(NamedTuple):
   """What a method's own loss (:meth:`Method.loss`) can read, in the step.
 
@@ -116,6 +129,24 @@ class Method:
     """The method's persistent state (a pytree; ``()`` if it keeps none)."""
     del modalities
     return ()
+
+  def initial_state(self, modalities, params) -> Any:
+    """The state :meth:`TrainState.create` stores: :meth:`init_state`, or,
+    for a method that keeps something of the parameters (D&R's initial
+    encoders), built from ``params``."""
+    del params
+    return self.init_state(modalities)
+
+  # Epoch hook. A method that sets this is called by the runner after each
+  # epoch's evaluation, outside jit: ``epoch_end(epoch, state, context) ->
+  # (state, metrics)`` may replace parameters or method state (D&R's soft
+  # re-initialisation); the runner checkpoints what it returns.
+  has_epoch_hook: ClassVar[bool] = False
+
+  def epoch_end(self, epoch: int, state: Any, context: EpochContext
+                ) -> tuple[Any, dict]:
+    del epoch, context
+    return state, {}
 
   def loss(self, ctx: LossContext) -> tuple[Any, dict]:
     """The training loss (a mean over ``ctx.rows``) and extras.

@@ -68,6 +68,11 @@ def get_config() -> ml_collections.ConfigDict:
   c.method.magnitude = ml_collections.config_dict.placeholder(float)
   # AGM: upper clamp of r^ - r (official CREMA-D 10); its alpha is method.alpha.
   c.method.clamp = ml_collections.config_dict.placeholder(float)
+  # D&R: w = tanh(lam gap), re-initialise every `every` epochs, at most
+  # `times` times (official 3, 20, 3).
+  c.method.lam = ml_collections.config_dict.placeholder(float)
+  c.method.every = ml_collections.config_dict.placeholder(int)
+  c.method.times = ml_collections.config_dict.placeholder(int)
   c.optim = ml_collections.ConfigDict()
   c.optim.name = "sgd"               # sgd (the paper's) | adamw | lion
   # Where ARL's per-modality scales act (arl_jax.with_modality_scales):
