@@ -22,6 +22,7 @@ from arl_jax.losses import cross_entropy
 from arl_jax.methods import AGM
 from arl_jax.methods import ARL
 from arl_jax.methods import OGMGE
+from arl_jax.methods import PMR
 from arl_jax.methods import ARLNoResidual
 from arl_jax.methods import ARLReleased
 from arl_jax.methods import ARLReleasedApplied
@@ -68,6 +69,7 @@ __all__ = [
     "ModalityStatistics",
     "Modulation",
     "OGMGE",
+    "PMR",
     "ScaleByModalityState",
     "TrainState",
     "UnimodalRegularisation",

@@ -88,12 +88,22 @@ def _has_scale_by_modality(opt_state: Any) -> bool:
       opt_state, is_leaf=lambda x: isinstance(x, ScaleByModalityState)))
 
 
+def _features_of(outputs: Any):
+  """The encoders' ``{m: features}`` when ``apply_fn`` returned them."""
+  if isinstance(outputs, (tuple, list)) and len(outputs) == 3:
+    return outputs[2]
+  return None
+
+
 def _check_outputs(outputs: Any, inputs: Mapping[str, Any]):
+  if isinstance(outputs, (tuple, list)) and len(outputs) == 3:
+    outputs = outputs[:2]       # (fused, unimodal, features)
   try:
     fused, unimodal = outputs
   except (TypeError, ValueError):
     raise ValueError("apply_fn must return ((fused_logits, {modality: "
-                     "unimodal_logits}), new_model_state).") from None
+                     "unimodal_logits}[, {modality: features}]), "
+                     "new_model_state).") from None
   names = _validation.modality_names(unimodal, "unimodal logits")
   if isinstance(inputs, Mapping):
     _validation.check_same_modalities(tuple(inputs), unimodal,
@@ -275,7 +285,8 @@ def make_train_step(apply_fn: ApplyFn, tx: optax.GradientTransformation,
         loss, method_aux = method.loss(LossContext(
             fused=fused, unimodal=unimodal, labels=safe, rows=rows,
             gamma=gamma, active=active, state=method_state, inputs=inputs,
-            forward=forward, axis_name=axis_name))
+            forward=forward, axis_name=axis_name,
+            features=_features_of(outputs)))
       else:
         loss = losses.arl_loss(fused, unimodal, safe, gamma, mask=rows)
         method_aux = {}

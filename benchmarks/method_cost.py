@@ -42,8 +42,9 @@ def main(argv=None):
   model = step_bench._jax_model(args.model, classes, jnp.float32)
   names = tuple(x)
   params, model_state = models.init_model(model, jax.random.PRNGKey(0), x)
-  apply_fn = models.make_apply_fn(model)
   batch = {"inputs": x, "labels": y}
+  feats = jax.device_get(model.apply({"params": params, **model_state}, x,
+                                     train=False, features_only=True))
   impls = {}
   for name in args.methods.split(","):
     tx = arl_jax.with_modality_scales(
@@ -54,6 +55,12 @@ def main(argv=None):
         params=jax.tree.map(jnp.copy, params), tx=tx,
         model_state=jax.tree.map(jnp.copy, model_state),
         rng=jax.random.PRNGKey(1), method=method, modalities=names)
+    if method.has_epoch_hook:     # PMR's prototypes, D&R's initial state
+      state, _ = method.epoch_end(0, state, arl_jax.EpochContext(
+          modalities=names, num_classes=classes,
+          features=lambda split: (feats, jax.device_get(y))))
+    apply_fn = models.make_apply_fn(model,
+                                    with_features=method.needs_features)
     step = jax.jit(arl_jax.make_train_step(apply_fn, tx, method),
                    donate_argnums=0)
     impls[name] = [step, state]

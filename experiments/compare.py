@@ -57,6 +57,7 @@ IMBALANCE_RUNS = {
     "MMPareto": {"method.name": "mmpareto"},
     "AGM": {"method.name": "agm"},
     "D&R": {"method.name": "dr"},
+    "PMR": {"method.name": "pmr"},
 }
 # Rows read from those runs' evaluation with weights at the fusion.
 FUSION_ROWS = {

@@ -842,7 +842,7 @@ def _train_locked(config, workdir: pathlib.Path, topology,
                                     model_state=model_state,
                                     rng=jax.random.PRNGKey(config.seed + 1),
                                     method=method, modalities=data.modalities)
-  apply_fn = models.make_apply_fn(model)
+  apply_fn = models.make_apply_fn(model, with_features=method.needs_features)
   train_step = topology.train_step(lambda axis_name: arl_jax.make_train_step(
       apply_fn, tx, method,
       warmup_steps=config.warmup_epochs * data.steps_per_epoch,
@@ -862,6 +862,14 @@ def _train_locked(config, workdir: pathlib.Path, topology,
   feature_fn = features or jax.jit(lambda st, x: model.apply(
       {"params": st.params, **st.model_state}, x, train=False,
       features_only=True))
+  if method.has_epoch_hook:
+    # "Epoch 0": before training (PMR's first prototypes); a resumed run's
+    # checkpoint then replaces what it set.
+    state, _ = method.epoch_end(0, state, arl_jax.EpochContext(
+        modalities=data.modalities, num_classes=data.num_classes,
+        features=functools.partial(_split_features, feature_fn,
+                                   jax.device_get(state), data),
+        seed=config.seed))
   state = topology.put_state(state)
 
   checkpoints = _Checkpoints(workdir, topology)
@@ -966,12 +974,14 @@ def _train_locked(config, workdir: pathlib.Path, topology,
     if method.has_epoch_hook:
       # Outside jit, after the epoch's evaluation; what it changes is in the
       # checkpoint below.
+      host_state = topology.host(state)
       context = arl_jax.EpochContext(
           modalities=data.modalities, num_classes=data.num_classes,
-          features=functools.partial(_split_features, feature_fn,
-                                     topology.host(state), data),
+          features=functools.partial(_split_features, feature_fn, host_state,
+                                     data),
           seed=config.seed)
-      state, hook_record = method.epoch_end(epoch, state, context)
+      host_state, hook_record = method.epoch_end(epoch, host_state, context)
+      state = topology.put_state(host_state)
       if hook_record:
         record["method"] = hook_record
     record["steps"] = len(step_metrics) + first

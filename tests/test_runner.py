@@ -208,7 +208,9 @@ def _final_state(workdir):
     # D&R's initial encoders and count, and its re-initialisation after
     # epoch 2 (before checkpoint 2).
     {"method.name": "dr", "method.every": 2},
-], ids=["arl_sgd", "ogm_ge_adamw", "agm", "dr"])
+    # PMR's prototypes (set by its epoch hook, used by every step).
+    {"method.name": "pmr"},
+], ids=["arl_sgd", "ogm_ge_adamw", "agm", "dr", "pmr"])
 def test_sigkill_and_resume_gives_identical_results(tmp_path, extra):
   epochs = 4
   overrides = {"data.sizes": (1024, 256, 256), "num_epochs": epochs, **extra}

@@ -22,11 +22,12 @@ from arl_jax.methods.base import register_method
 from arl_jax.methods.diagnose_relearn import DiagnoseRelearn
 from arl_jax.methods.mmpareto import MMPareto
 from arl_jax.methods.ogm_ge import OGMGE
+from arl_jax.methods.pmr import PMR
 from arl_jax.methods.unimodal_regularisation import UnimodalRegularisation
 
 __all__ = [
     "AGM", "ARL", "ARLNoResidual", "ARLReleased", "ARLReleasedApplied",
     "DiagnoseRelearn", "EpochContext", "LossContext", "MMPareto", "Method",
-    "Modulation", "OGMGE", "UnimodalRegularisation", "make_method",
+    "Modulation", "OGMGE", "PMR", "UnimodalRegularisation", "make_method",
     "method_class", "method_names", "register_method",
 ]

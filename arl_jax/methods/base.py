@@ -66,7 +66,9 @@ class LossContext(NamedTuple):
   may use it, e.g. with a modality's input zeroed); ``state`` is the
   method's state before the step; ``active`` is False during warm-up;
   ``axis_name`` is the device axis under ``pmap`` (None otherwise): a batch
-  statistic is global only after :meth:`global_mean`.
+  statistic is global only after :meth:`global_mean`; ``features`` are the
+  encoders' training-mode outputs when ``apply_fn`` returns them as a third
+  output (``arl_jax.models.make_apply_fn(model, with_features=True)``).
   """
   fused: Any
   unimodal: Mapping[str, Any]
@@ -78,6 +80,7 @@ class LossContext(NamedTuple):
   inputs: Mapping[str, Any]
   forward: Any
   axis_name: Any = None
+  features: Any = None      # {m: [batch, d]} when apply_fn returns them
 
   def global_mean(self, per_row: Any) -> Any:
     """Mean of ``per_row [batch, ...]`` over the counted rows of the
@@ -142,6 +145,9 @@ class Method:
   # (state, metrics)`` may replace parameters or method state (D&R's soft
   # re-initialisation); the runner checkpoints what it returns.
   has_epoch_hook: ClassVar[bool] = False
+  # Whether the method's loss reads the encoders' features (PMR): the model
+  # must return them (``make_apply_fn(model, with_features=True)``).
+  needs_features: ClassVar[bool] = False
 
   def epoch_end(self, epoch: int, state: Any, context: EpochContext
                 ) -> tuple[Any, dict]:

@@ -62,9 +62,11 @@ class MultimodalClassifier(nn.Module):
 
   @nn.compact
   def __call__(self, inputs: Mapping[str, jax.Array], train: bool = False,
-               fused_only: bool = False, features_only: bool = False):
+               fused_only: bool = False, features_only: bool = False,
+               with_features: bool = False):
     """Returns ``(fused, {m: unimodal})``; only ``fused`` if ``fused_only``;
-    the encoders' ``{m: features}`` if ``features_only`` (linear probes)."""
+    the encoders' ``{m: features}`` if ``features_only`` (linear probes);
+    ``(fused, {m: unimodal}, {m: features})`` if ``with_features`` (PMR)."""
     self.check_inputs(inputs)
     names = tuple(self.encoders)
     features = {m: self.encoders[m].clone(parent=self, name=m)(inputs[m], train)
@@ -73,7 +75,10 @@ class MultimodalClassifier(nn.Module):
       return features
     if fused_only:
       return self.head(features)
-    return fused_and_unimodal_logits(self.head, features)
+    fused, unimodal = fused_and_unimodal_logits(self.head, features)
+    if with_features:
+      return fused, unimodal, features
+    return fused, unimodal
 
 
 def init_model(model: nn.Module, rng: jax.Array,
@@ -86,24 +91,27 @@ def init_model(model: nn.Module, rng: jax.Array,
   return params, variables
 
 
-def make_apply_fn(model: nn.Module) -> Callable[..., Any]:
+def make_apply_fn(model: nn.Module, with_features: bool = False
+                  ) -> Callable[..., Any]:
   """Adapts a Linen multimodal model to the train step's ``apply_fn``.
 
   The returned function has the signature
   ``(params, model_state, inputs, *, train, rng) -> (outputs, new_model_state)``
   with ``model_state`` the non-parameter collections (``batch_stats``); in
   training every collection present is mutable and updated, in evaluation
-  none is.
+  none is. ``with_features``: the outputs are ``(fused, unimodal,
+  features)``, for a method that reads the encoders' features (PMR).
   """
+  extra = {"with_features": True} if with_features else {}
 
   def apply_fn(params, model_state, inputs, *, train: bool, rng):
     variables = {"params": params, **model_state}
     rngs = {} if rng is None else {"dropout": rng}
     if train and model_state:
       outputs, new_state = model.apply(variables, inputs, train=True, rngs=rngs,
-                                       mutable=list(model_state))
+                                       mutable=list(model_state), **extra)
       return outputs, dict(new_state)
-    outputs = model.apply(variables, inputs, train=train, rngs=rngs)
+    outputs = model.apply(variables, inputs, train=train, rngs=rngs, **extra)
     return outputs, model_state
 
   return apply_fn

@@ -73,6 +73,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.method.lam = ml_collections.config_dict.placeholder(float)
   c.method.every = ml_collections.config_dict.placeholder(int)
   c.method.times = ml_collections.config_dict.placeholder(int)
+  # PMR: prototype momentum (official 0.2) and the share of training rows
+  # the prototypes come from (0.1); its alpha is method.alpha.
+  c.method.mu = ml_collections.config_dict.placeholder(float)
+  c.method.fraction = ml_collections.config_dict.placeholder(float)
   c.optim = ml_collections.ConfigDict()
   c.optim.name = "sgd"               # sgd (the paper's) | adamw | lion
   # Where ARL's per-modality scales act (arl_jax.with_modality_scales):
