@@ -28,6 +28,7 @@ from arl_jax.methods import ARLReleased
 from arl_jax.methods import ARLReleasedApplied
 from arl_jax.methods import DiagnoseRelearn
 from arl_jax.methods import EpochContext
+from arl_jax.methods import GBlending
 from arl_jax.methods import LossContext
 from arl_jax.methods import Method
 from arl_jax.methods import MMPareto
@@ -63,6 +64,7 @@ __all__ = [
     "DEFAULT_ENTROPY_FLOOR",
     "DiagnoseRelearn",
     "EpochContext",
+    "GBlending",
     "LossContext",
     "MMPareto",
     "Method",

@@ -45,12 +45,17 @@ def main(argv=None):
   batch = {"inputs": x, "labels": y}
   feats = jax.device_get(model.apply({"params": params, **model_state}, x,
                                      train=False, features_only=True))
-  impls = {}
+  impls, skipped = {}, {}
   for name in args.methods.split(","):
     tx = arl_jax.with_modality_scales(
         optax.chain(*step_bench._optimizer()),
         arl_jax.label_modalities(names))
     method = arl_jax.make_method(name)
+    try:
+      method.init_state(names)
+    except ValueError as e:           # e.g. PMR at K != 2
+      skipped[name] = str(e)
+      continue
     state = arl_jax.TrainState.create(
         params=jax.tree.map(jnp.copy, params), tx=tx,
         model_state=jax.tree.map(jnp.copy, model_state),
@@ -92,6 +97,8 @@ def main(argv=None):
   ]
   for name, t in sorted(median.items(), key=lambda kv: kv[1]):
     lines.append(f"| {name} | {1e3 * t:.2f} | {t / base:.2f}x |")
+  for name, why in skipped.items():
+    lines.append(f"| {name} | - | not applicable: {why} |")
   text = "\n".join(lines) + "\n"
   RESULTS.mkdir(exist_ok=True)
   (RESULTS / f"method_cost_{args.model}_{backend}.md").write_text(text)

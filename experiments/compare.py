@@ -58,7 +58,10 @@ IMBALANCE_RUNS = {
     "AGM": {"method.name": "agm"},
     "D&R": {"method.name": "dr"},
     "PMR": {"method.name": "pmr"},
+    "G-Blending": {"method.name": "g_blending"},
 }
+# Methods defined for two modalities only (no row on three_modalities).
+TWO_MODALITIES_ONLY = ("PMR",)
 # Rows read from those runs' evaluation with weights at the fusion.
 FUSION_ROWS = {
     "concat + calibrated fusion": ("concat", "calibrated"),
@@ -118,7 +121,9 @@ def runs(suite: str) -> dict[str, dict[str, dict]]:
   for problem, modalities in data.IMBALANCE_SETTINGS.items():
     rows = {f"{m} alone": {"method.name": "concat", "data.only_modality": m}
             for m in sorted(modalities)}
-    out[problem] = {**rows, **IMBALANCE_RUNS}
+    out[problem] = {**rows, **{
+        name: o for name, o in IMBALANCE_RUNS.items()
+        if len(modalities) == 2 or name not in TWO_MODALITIES_ONLY}}
   return out
 
 

@@ -116,6 +116,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(f"config.model.dtype must be float32 or bfloat16; got "
                       f"{config.model.dtype!r}.")
   method = make_method(config)   # method-specific checks (T > 0, ...)
+  try:       # what the method supports of the data (PMR: two modalities)
+    method.init_state(tuple(_source_modalities(config)))
+  except ValueError as e:
+    raise ConfigError(f"method {config.method.name!r}: {e}") from None
   if method.has_epoch_hook and c.source not in IN_MEMORY_SOURCES:
     raise ConfigError(f"method {config.method.name!r} reads the encoders' "
                       "features of the whole training split after epochs: "
@@ -799,6 +803,37 @@ def _split_features(feature_fn, host_state, data: Data, split: str,
   return {m: np.concatenate([p[m] for p in parts]) for m in parts[0]}, y
 
 
+def _fit_copy(state, keep, epochs, *, apply_fn, tx, data: Data, config):
+  """Trains a copy of ``state`` (fresh optimiser state, one device) on CE of
+  the fused logits with inputs outside ``keep`` zeroed; returns per
+  copy-epoch sums of per-batch mean training and validation losses."""
+  def zeroed(params, model_state, inputs, *, train, rng):
+    x = {m: v if m in keep else jnp.zeros_like(v) for m, v in inputs.items()}
+    return apply_fn(params, model_state, x, train=train, rng=rng)
+  step = jax.jit(arl_jax.make_train_step(zeroed, tx, arl_jax.Method(),
+                                         check_tx=False))
+  evaluate_fn = jax.jit(arl_jax.make_eval_step(zeroed))
+  copy = state.replace(opt_state=tx.init(state.params))
+  train_sums, val_sums = [], []
+  for j in range(epochs):
+    losses = []
+    for batch in data.train(100_000 + j):      # orders the run never uses
+      batch = {k: v for k, v in batch.items() if k != "heldout"}
+      copy, metrics = step(copy, batch)
+      losses.append(metrics["loss"])
+    train_sums.append(float(np.sum(jax.device_get(losses))))
+    val = 0.0
+    for batch in data.evaluate["validation"]():
+      out = jax.device_get(evaluate_fn(copy, batch))
+      valid = np.asarray(out["valid"])
+      z = np.asarray(out["fused_logits"], np.float64)[valid]
+      y = np.asarray(out["labels"])[valid]
+      logp = z - np.logaddexp.reduce(z, axis=-1, keepdims=True)
+      val += float(-np.mean(logp[np.arange(len(y)), y])) if len(y) else 0.0
+    val_sums.append(val)
+  return train_sums, val_sums
+
+
 def _host_metrics(step_metrics: list, to_host) -> dict:
   # Stacked on the device first: one transfer per metric, not per step.
   return to_host(jax.tree.map(lambda *xs: jnp.stack(xs), *step_metrics))
@@ -862,14 +897,23 @@ def _train_locked(config, workdir: pathlib.Path, topology,
   feature_fn = features or jax.jit(lambda st, x: model.apply(
       {"params": st.params, **st.model_state}, x, train=False,
       features_only=True))
-  if method.has_epoch_hook:
-    # "Epoch 0": before training (PMR's first prototypes); a resumed run's
-    # checkpoint then replaces what it set.
-    state, _ = method.epoch_end(0, state, arl_jax.EpochContext(
+  fit_copy = functools.partial(_fit_copy, apply_fn=apply_fn, tx=tx,
+                               data=data, config=config)
+
+  def epoch_context(host_state):
+    return arl_jax.EpochContext(
         modalities=data.modalities, num_classes=data.num_classes,
-        features=functools.partial(_split_features, feature_fn,
-                                   jax.device_get(state), data),
-        seed=config.seed))
+        features=functools.partial(_split_features, feature_fn, host_state,
+                                   data),
+        seed=config.seed, fit_copy=fit_copy)
+
+  if method.has_epoch_hook:
+    # "Epoch 0": before training (PMR's first prototypes, G-Blending's first
+    # weights). Also when resuming: the checkpoint's state (which replaces
+    # this one) is restored into this structure (G-Blending then repeats its
+    # first estimation, deterministically, for nothing).
+    state, _ = method.epoch_end(0, state, epoch_context(
+        jax.device_get(state)))
   state = topology.put_state(state)
 
   checkpoints = _Checkpoints(workdir, topology)
@@ -974,13 +1018,8 @@ def _train_locked(config, workdir: pathlib.Path, topology,
     if method.has_epoch_hook:
       # Outside jit, after the epoch's evaluation; what it changes is in the
       # checkpoint below.
-      host_state = topology.host(state)
-      context = arl_jax.EpochContext(
-          modalities=data.modalities, num_classes=data.num_classes,
-          features=functools.partial(_split_features, feature_fn, host_state,
-                                     data),
-          seed=config.seed)
-      host_state, hook_record = method.epoch_end(epoch, host_state, context)
+      host_state, hook_record = method.epoch_end(
+          epoch, topology.host(state), epoch_context(topology.host(state)))
       state = topology.put_state(host_state)
       if hook_record:
         record["method"] = hook_record

@@ -151,6 +151,15 @@ def test_three_modalities_and_missing_prototypes_are_named():
         state, {"inputs": x, "labels": y})
 
 
+def test_runner_refuses_three_modalities_before_training(tmp_path):
+  c = tiny_synthetic(**{"method.name": "pmr"})
+  c.data.noise = {"a": 1.0, "b": 2.0, "c": 3.0}
+  with pytest.raises(train.ConfigError, match="method 'pmr': PMR is defined "
+                     "for two modalities; got 3"):
+    train.train_and_evaluate(c, tmp_path / "run")
+  assert not (tmp_path / "run").exists()
+
+
 def test_runner_trains_with_prototypes(tmp_path):
   c = tiny_synthetic(epochs=2, **{"method.name": "pmr"})
   report = train.train_and_evaluate(c, tmp_path / "pmr")

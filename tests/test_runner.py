@@ -210,7 +210,9 @@ def _final_state(workdir):
     {"method.name": "dr", "method.every": 2},
     # PMR's prototypes (set by its epoch hook, used by every step).
     {"method.name": "pmr"},
-], ids=["arl_sgd", "ogm_ge_adamw", "agm", "dr", "pmr"])
+    # G-Blending's weights (estimated at epochs 0 and 2 on model copies).
+    {"method.name": "g_blending", "method.super_epoch": 2},
+], ids=["arl_sgd", "ogm_ge_adamw", "agm", "dr", "pmr", "g_blending"])
 def test_sigkill_and_resume_gives_identical_results(tmp_path, extra):
   epochs = 4
   overrides = {"data.sizes": (1024, 256, 256), "num_epochs": epochs, **extra}

@@ -48,12 +48,17 @@ class EpochContext(NamedTuple):
 
   ``features(split)`` returns ``({modality: [rows, dim]}, labels)``: the
   encoders' evaluation-mode features of every row of ``"train"`` or
-  ``"validation"`` (never the test split).
+  ``"validation"`` (never the test split); ``fit_copy``: see below.
   """
   modalities: tuple
   num_classes: int
   features: Any
   seed: int = 0
+  # fit_copy(state, keep, epochs) -> (train_loss_sums, validation_loss_sums):
+  # trains a copy of ``state`` (fresh optimiser state) for ``epochs`` epochs
+  # on CE of the fused logits with the inputs outside ``keep`` zeroed;
+  # per copy-epoch sums of per-batch mean losses (G-Blending).
+  fit_copy: Any = None
 
 
 class LossContext(NamedTuple):

@@ -77,6 +77,10 @@ def get_config() -> ml_collections.ConfigDict:
   # the prototypes come from (0.1); its alpha is method.alpha.
   c.method.mu = ml_collections.config_dict.placeholder(float)
   c.method.fraction = ml_collections.config_dict.placeholder(float)
+  # G-Blending: epochs between weight estimations and of each copy's
+  # training (10), and the ratio's reading ("delta" | "multibench").
+  c.method.super_epoch = ml_collections.config_dict.placeholder(int)
+  c.method.ratio = ml_collections.config_dict.placeholder(str)
   c.optim = ml_collections.ConfigDict()
   c.optim.name = "sgd"               # sgd (the paper's) | adamw | lion
   # Where ARL's per-modality scales act (arl_jax.with_modality_scales):
