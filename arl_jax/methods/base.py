@@ -1,22 +1,31 @@
 """The method protocol and registry.
 
-Balancing methods: how each encoder's gradients are scaled, and by how much.
-
-A method is a small frozen dataclass with what the train step needs:
+A method is a small frozen dataclass (its fields are its hyper-parameters,
+settable from configs) with what the train step needs. The step asks for
+capabilities, never for names:
 
 * ``gamma`` / ``warmup_gamma``: the weight of the unimodal cross-entropies in
-  the loss (Eq. 22) after and during warm-up;
-* ``modulation(stats)``: from the per-modality batch sums of
-  :func:`arl_jax.modality_statistics`, the coefficients to report and the
-  multiplier applied to each encoder's gradients;
-* optionally, persistent state and held-out rows: ``init_state(modalities)``
-  (kept in ``TrainState.method_state``), ``needs_heldout`` and
-  ``modulate(stats, heldout_stats, state) -> (Modulation, state)``, which by
-  default calls ``modulation(stats)``.
+  the default loss (Eq. 22) after and during warm-up;
+* ``modulation(stats)`` / ``modulate(stats, heldout_stats, state)``: from the
+  per-modality batch sums of :func:`arl_jax.modality_statistics`, the
+  coefficients to report and the multiplier applied to each encoder's
+  gradients (ARL, OGM-GE);
+* ``init_state(modalities)`` / ``initial_state(modalities, params)``:
+  persistent state kept in ``TrainState.method_state`` (ARL's EMA, AGM's
+  running scores, PMR's prototypes, D&R's initial encoders, G-Blending's
+  weights); ``needs_heldout``: held-out rows in every batch;
+* ``loss(LossContext)``: the method's own loss, which may run the model
+  again in evaluation mode (AGM's zeroed-input passes), read the encoders'
+  features (``needs_features``: PMR) and return a new state;
+* ``per_loss_gradients`` + ``combine_gradients``: one gradient per loss
+  term from one forward pass and one ``jax.vjp`` (MMPareto);
+* ``has_epoch_hook`` + ``epoch_end(epoch, state, EpochContext)``: run by the
+  runner outside jit at epoch 0 and after every epoch (PMR's prototypes,
+  D&R's re-initialisation, G-Blending's copies).
 
-The train step never looks at which method it runs, so a new weighting rule is
-a new subclass (plus :func:`register_method` to make it reachable by name from
-configs); nothing else changes.
+A new weighting rule is a new subclass plus :func:`register_method`; the
+train step and the runner do not change. One module per method in
+:mod:`arl_jax.methods`.
 """
 
 from __future__ import annotations
