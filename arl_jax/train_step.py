@@ -309,11 +309,13 @@ def make_train_step(apply_fn: ApplyFn, tx: optax.GradientTransformation,
 
       terms, pull_back, aux = jax.vjp(terms_fn, params, has_aux=True)
       fused, unimodal, new_model_state, rows, safe, invalid = aux
-      (stacked,) = jax.vmap(pull_back)(jnp.eye(terms.shape[0],
-                                               dtype=terms.dtype))
       names = _validation.modality_names(unimodal, "unimodal logits")
+      # The method's combinations of the loss terms (default: each term).
+      combos = method.loss_cotangents(names)
+      (stacked,) = jax.vmap(pull_back)(jnp.asarray(
+          [combos[k] for k in combos], terms.dtype))
       grads = {key: jax.tree.map(lambda g, i=i: g[i], stacked)
-               for i, key in enumerate(("fused",) + names)}
+               for i, key in enumerate(combos)}
       loss = terms[0] + gamma * jnp.sum(terms[1:])
       method_aux = {}
     else:

@@ -229,3 +229,23 @@ def test_three_modalities_each_encoder_pairs_with_its_own_loss():
   assert set(metrics["cos"]) == set(names)
   assert all(np.isfinite(float(v)) for v in metrics["pareto_weight"].values())
   assert all(np.all(np.isfinite(v)) for v in jax.tree.leaves(new.params))
+
+
+def test_two_backward_passes_equal_one_per_loss_on_feature_zeroing_models():
+  # Summed unimodal losses restricted to encoder m are CE(p_m)'s gradient
+  # when p_k zeroes the other modalities' features: 2 passes, not K + 1.
+  assert len(arl_jax.MMPareto().loss_cotangents(("a", "b", "c"))) == 2
+  assert len(arl_jax.MMPareto(separate_unimodal=True).loss_cotangents(
+      ("a", "b", "c"))) == 4
+  params, x, y = make(4)
+  labels = arl_jax.label_modalities(NAMES)
+  tx = arl_jax.with_modality_scales(optax.sgd(1.0), labels)
+  f32 = jax.tree.map(lambda v: jnp.asarray(v, jnp.float32), params)
+  state = arl_jax.TrainState.create(params=f32, tx=tx,
+                                    rng=jax.random.PRNGKey(0))
+  batch = {"inputs": {m: np.float32(v) for m, v in x.items()},
+           "labels": np.int32(y)}
+  out = [jax.jit(arl_jax.make_train_step(apply, tx, arl_jax.MMPareto(
+      separate_unimodal=s)))(state, batch)[0].params for s in (False, True)]
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5,
+                                                       atol=1e-7), *out)

@@ -187,13 +187,24 @@ class Method:
   # and micro-batches, and combines them in ``combine_gradients``.
   per_loss_gradients: ClassVar[bool] = False
 
+  def loss_cotangents(self, names) -> dict[str, tuple[float, ...]]:
+    """The combinations of ``[CE(p_f), CE(p_m1), ..., CE(p_mK)]`` whose
+    gradients :meth:`combine_gradients` receives (one backward pass each);
+    default: every term alone, keyed ``"fused"`` and by modality."""
+    k = len(names)
+    out = {"fused": (1.0,) + (0.0,) * k}
+    for i, m in enumerate(names):
+      out[m] = tuple(1.0 if j == i + 1 else 0.0 for j in range(k + 1))
+    return out
+
   def combine_gradients(self, grads: Mapping[str, Any], labels: Any,
                         active: Array) -> tuple[Any, dict[str, Array]]:
     """``(gradient, diagnostics)`` from the per-loss gradients.
 
     Args:
-      grads: ``{"fused": tree, modality: tree}``, one gradient tree (the
-        parameters' structure) per loss term.
+      grads: one gradient tree (the parameters' structure) per entry of
+        :meth:`loss_cotangents` (by default ``{"fused": ..., modality:
+        ...}``, one per loss term).
       labels: the parameters' tree of modality labels
         (:func:`arl_jax.label_modalities`; ``"shared"`` outside encoders).
       active: scalar bool, False during warm-up.

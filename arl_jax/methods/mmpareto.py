@@ -95,6 +95,11 @@ class MMPareto(Method):
   Attributes:
     magnitude: ``Gamma``, the rescale of the integrated gradient (official
       code: 1.5).
+    separate_unimodal: pull each unimodal loss back on its own (K + 1
+      backward passes) instead of their sum (2 passes). The sum gives each
+      encoder its own unimodal gradient exactly when a unimodal logit zeroes
+      the other modalities' *features* (this library's models); a model
+      that zeroes their *inputs* needs True.
     gamma, warmup_gamma: weight of the unimodal losses in the reported loss
       and in the head's gradient (1: the official ``L_mm + L_a + L_v``).
   """
@@ -103,6 +108,16 @@ class MMPareto(Method):
   gamma: float = 1.0
   warmup_gamma: float = 1.0
   magnitude: float = 1.5
+  separate_unimodal: bool = False
+
+  def loss_cotangents(self, names):
+    if self.separate_unimodal:
+      return super().loss_cotangents(names)
+    # Two backward passes whatever K: CE(p_f) and sum_m CE(p_m). Restricted
+    # to encoder m, the second is CE(p_m)'s gradient alone, because p_k
+    # (k != m) zeroes m's *features* (fused_and_unimodal_logits).
+    k = len(names)
+    return {"fused": (1.0,) + (0.0,) * k, "unimodal": (0.0,) + (1.0,) * k}
 
   def __post_init__(self):
     super().__post_init__()
@@ -110,16 +125,23 @@ class MMPareto(Method):
 
   def combine_gradients(self, grads, labels, active):
     fused = grads["fused"]
-    names = sorted(m for m in grads if m != "fused")
     leaves, treedef = jax.tree.flatten(fused)
-    per_loss = {m: jax.tree.leaves(grads[m]) for m in names}
     label_leaves = jax.tree.leaves(labels)
     if len(label_leaves) != len(leaves):
       raise ValueError("the labels tree does not match the gradients' "
                        f"({len(label_leaves)} vs {len(leaves)} leaves).")
+    if "unimodal" in grads:       # sum_m CE(p_m)'s gradient: m's on encoder m
+      total = jax.tree.leaves(grads["unimodal"])
+      names = sorted({lab for lab in label_leaves if lab != "shared"})
+      per_loss = {m: total for m in names}
+      unimodal_sum = total
+    else:
+      names = sorted(m for m in grads if m != "fused")
+      per_loss = {m: jax.tree.leaves(grads[m]) for m in names}
+      unimodal_sum = [sum(per_loss[m][i] for m in names)
+                      for i in range(len(leaves))]
     # Plain: the gradient of CE(p_f) + gamma * sum_m CE(p_m) (the head's).
-    plain = [g + self.gamma * sum(per_loss[m][i] for m in names)
-             for i, g in enumerate(leaves)]
+    plain = [g + self.gamma * u for g, u in zip(leaves, unimodal_sum)]
     out = list(plain)
     diagnostics = {"cos": {}, "pareto_weight": {}}
     for m in names:
