@@ -60,7 +60,7 @@ def main(argv=None):
         params=jax.tree.map(jnp.copy, params), tx=tx,
         model_state=jax.tree.map(jnp.copy, model_state),
         rng=jax.random.PRNGKey(1), method=method, modalities=names)
-    if method.has_epoch_hook:     # PMR's prototypes, D&R's initial state
+    if method.needs_features:     # PMR: its prototypes, before a step
       state, _ = method.epoch_end(0, state, arl_jax.EpochContext(
           modalities=names, num_classes=classes,
           features=lambda split: (feats, jax.device_get(y))))

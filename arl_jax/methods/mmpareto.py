@@ -13,8 +13,10 @@ encoder's parameters:
 
 Every other parameter (the fusion head) gets the plain gradient of
 ``CE(p_f) + sum_m CE(p_m)``. The per-loss gradients come from one forward
-pass and one ``jax.vjp`` (:attr:`Method.per_loss_gradients`), not one
-backward pass per loss.
+pass and one ``jax.vjp`` (:attr:`Method.per_loss_gradients`) with two
+cotangents, ``CE(p_f)`` and ``sum_m CE(p_m)`` (restricted to encoder ``m``
+the sum's gradient is ``CE(p_m)``'s, since the other unimodal logits zero
+``m``'s features): two backward passes whatever K, not one per loss.
 
 Follows the official code (``GeWu-Lab/MMPareto_ICML2024``,
 ``code/MMPareto.py`` and ``min_norm_solvers.py``): cosine per encoder,
