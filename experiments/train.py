@@ -803,16 +803,22 @@ def _split_features(feature_fn, host_state, data: Data, split: str,
   return {m: np.concatenate([p[m] for p in parts]) for m in parts[0]}, y
 
 
-def _fit_copy(state, keep, epochs, *, apply_fn, tx, data: Data, config):
+def _fit_copy(state, keep, epochs, *, apply_fn, tx, data: Data, config,
+              compiled: dict):
   """Trains a copy of ``state`` (fresh optimiser state, one device) on CE of
   the fused logits with inputs outside ``keep`` zeroed; returns per
-  copy-epoch sums of per-batch mean training and validation losses."""
-  def zeroed(params, model_state, inputs, *, train, rng):
-    x = {m: v if m in keep else jnp.zeros_like(v) for m, v in inputs.items()}
-    return apply_fn(params, model_state, x, train=train, rng=rng)
-  step = jax.jit(arl_jax.make_train_step(zeroed, tx, arl_jax.Method(),
-                                         check_tx=False))
-  evaluate_fn = jax.jit(arl_jax.make_eval_step(zeroed))
+  copy-epoch sums of per-batch mean training and validation losses.
+  ``compiled`` keeps each ``keep``'s jitted steps for the next call."""
+  keep = tuple(keep)
+  if keep not in compiled:
+    def zeroed(params, model_state, inputs, *, train, rng):
+      x = {m: v if m in keep else jnp.zeros_like(v) for m, v in inputs.items()}
+      return apply_fn(params, model_state, x, train=train, rng=rng)
+    compiled[keep] = (
+        jax.jit(arl_jax.make_train_step(zeroed, tx, arl_jax.Method(),
+                                        check_tx=False)),
+        jax.jit(arl_jax.make_eval_step(zeroed)))
+  step, evaluate_fn = compiled[keep]
   copy = state.replace(opt_state=tx.init(state.params))
   train_sums, val_sums = [], []
   for j in range(epochs):
@@ -898,7 +904,7 @@ def _train_locked(config, workdir: pathlib.Path, topology,
       {"params": st.params, **st.model_state}, x, train=False,
       features_only=True))
   fit_copy = functools.partial(_fit_copy, apply_fn=apply_fn, tx=tx,
-                               data=data, config=config)
+                               data=data, config=config, compiled={})
 
   def epoch_context(host_state):
     return arl_jax.EpochContext(
