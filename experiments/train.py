@@ -895,14 +895,11 @@ def _train_locked(config, workdir: pathlib.Path, topology,
   eval_step = lambda st, batch, **kw: run_eval(st, local(batch), **kw)
   weigh_fusion = (data.heldout is not None
                   and config.model.fusion in fusion_weighting.ADDITIVE_FUSIONS)
-  features = None
-  if config.diagnostics.linear_probe:
-    features = jax.jit(lambda st, x: model.apply(
-        {"params": st.params, **st.model_state}, x, train=False,
-        features_only=True))
-  feature_fn = features or jax.jit(lambda st, x: model.apply(
+  # The encoders' evaluation-mode features: linear probes, epoch hooks.
+  feature_fn = jax.jit(lambda st, x: model.apply(
       {"params": st.params, **st.model_state}, x, train=False,
       features_only=True))
+  features = feature_fn if config.diagnostics.linear_probe else None
   fit_copy = functools.partial(_fit_copy, apply_fn=apply_fn, tx=tx,
                                data=data, config=config, compiled={})
 
@@ -1024,8 +1021,9 @@ def _train_locked(config, workdir: pathlib.Path, topology,
     if method.has_epoch_hook:
       # Outside jit, after the epoch's evaluation; what it changes is in the
       # checkpoint below.
-      host_state, hook_record = method.epoch_end(
-          epoch, topology.host(state), epoch_context(topology.host(state)))
+      host_state = topology.host(state)     # one transfer, read by both
+      host_state, hook_record = method.epoch_end(epoch, host_state,
+                                                 epoch_context(host_state))
       state = topology.put_state(host_state)
       if hook_record:
         record["method"] = hook_record

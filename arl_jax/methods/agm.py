@@ -43,7 +43,6 @@ from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
-import optax
 
 from arl_jax.methods.base import Method
 from arl_jax.methods.base import Modulation
@@ -136,10 +135,7 @@ class AGM(Method):
     c = {m: jnp.where(ctx.active, v, 1.0) for m, v in c.items()}
     out = sum(c[m] * phi[m] + (1.0 - c[m]) * jax.lax.stop_gradient(phi[m])
               for m in names)
-    per_row = optax.softmax_cross_entropy_with_integer_labels(
-        out.astype(jnp.float32), ctx.labels)
-    w = ctx.rows.astype(jnp.float32)
-    loss = jnp.sum(per_row * w) / jnp.maximum(jnp.sum(w), 1.0)
+    loss = ctx.cross_entropy(out)
     t = ctx.state["t"] + 1
     tf = t.astype(jnp.float32)
     running = {m: ctx.state["running"][m] * (tf - 1.0) / tf + scores[m] / tf

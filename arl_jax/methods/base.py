@@ -39,6 +39,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from arl_jax import losses
 from arl_jax.statistics import ModalityStatistics
 
 Array = jax.Array
@@ -95,6 +96,10 @@ class LossContext(NamedTuple):
   forward: Any
   axis_name: Any = None
   features: Any = None      # {m: [batch, d]} when apply_fn returns them
+
+  def cross_entropy(self, logits: Any) -> Any:
+    """Mean cross-entropy of ``logits`` over the counted rows."""
+    return losses.cross_entropy(logits, self.labels, mask=self.rows)
 
   def global_mean(self, per_row: Any) -> Any:
     """Mean of ``per_row [batch, ...]`` over the counted rows of the
@@ -176,7 +181,6 @@ class Method:
     method state, "metrics": {name: scalar or {modality: scalar}}}``; the
     state then goes on to :meth:`modulate`.
     """
-    from arl_jax import losses
     return losses.arl_loss(ctx.fused, ctx.unimodal, ctx.labels, ctx.gamma,
                            mask=ctx.rows), {}
 

@@ -29,9 +29,9 @@ from typing import ClassVar
 
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from arl_jax.methods.base import Method
+from arl_jax.methods.base import Modulation
 from arl_jax.methods.base import _check_concrete
 from arl_jax.methods.base import register_method
 
@@ -87,19 +87,13 @@ class GBlending(Method):
 
   def loss(self, ctx):
     w = ctx.state["weights"]
-    rows = ctx.rows.astype(jnp.float32)
-    count = jnp.maximum(jnp.sum(rows), 1.0)
-    def ce(logits):
-      per_row = optax.softmax_cross_entropy_with_integer_labels(
-          logits.astype(jnp.float32), ctx.labels)
-      return jnp.sum(per_row * rows) / count
-    loss = w["fused"] * ce(ctx.fused)
+    loss = w["fused"] * ctx.cross_entropy(ctx.fused)
     for m, z in ctx.unimodal.items():
-      loss = loss + w[m] * ce(z)
+      loss = loss + w[m] * ctx.cross_entropy(z)
     return loss, {}
 
   def modulate(self, stats, heldout, state):
-    from arl_jax.methods.base import Modulation
+    del heldout
     ones = {m: jnp.ones((), jnp.float32) for m in stats}
     return Modulation({m: state["weights"][m] for m in stats}, ones,
                       None), state

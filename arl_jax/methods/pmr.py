@@ -33,7 +33,6 @@ from typing import ClassVar
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from arl_jax.methods.base import Method
 from arl_jax.methods.base import _check_concrete
@@ -103,15 +102,11 @@ class PMR(Method):
                        "with_features=True), or return (fused, unimodal, "
                        "{modality: features}).")
     a, v = sorted(ctx.unimodal)
-    w = ctx.rows.astype(jnp.float32)
-    count = jnp.maximum(jnp.sum(w), 1.0)
     ce = {}
     true_prob = {}
     for m in (a, v):
       d = prototype_distances(ctx.features[m], ctx.state["prototypes"][m])
-      per_row = optax.softmax_cross_entropy_with_integer_labels(-d,
-                                                                ctx.labels)
-      ce[m] = jnp.sum(per_row * w) / count
+      ce[m] = ctx.cross_entropy(-d)
       p = jax.nn.softmax(-jax.lax.stop_gradient(d), axis=-1)
       true_prob[m] = ctx.global_mean(jnp.take_along_axis(
           p, ctx.labels[:, None], axis=-1)[:, 0])
@@ -119,10 +114,7 @@ class PMR(Method):
     on = ctx.active.astype(jnp.float32)
     beta = self.alpha * (rho < 1).astype(jnp.float32) * on
     lam = self.alpha * (rho > 1).astype(jnp.float32) * on
-    per_row = optax.softmax_cross_entropy_with_integer_labels(
-        ctx.fused.astype(jnp.float32), ctx.labels)
-    fused_ce = jnp.sum(per_row * w) / count
-    loss = fused_ce + beta * ce[a] + lam * ce[v]
+    loss = ctx.cross_entropy(ctx.fused) + beta * ce[a] + lam * ce[v]
     return loss, {"metrics": {"pmr_rho": rho,
                               "pmr_weight": {a: beta, v: lam},
                               "prototype_loss": ce}}
