@@ -31,6 +31,7 @@ from arl_jax.methods import EpochContext
 from arl_jax.methods import GBlending
 from arl_jax.methods import LossContext
 from arl_jax.methods import Method
+from arl_jax.methods import MLA
 from arl_jax.methods import MMPareto
 from arl_jax.methods import Modulation
 from arl_jax.methods import UnimodalRegularisation
@@ -66,6 +67,7 @@ __all__ = [
     "EpochContext",
     "GBlending",
     "LossContext",
+    "MLA",
     "MMPareto",
     "Method",
     "ModalityStatistics",

@@ -251,6 +251,11 @@ def make_train_step(apply_fn: ApplyFn, tx: optax.GradientTransformation,
         f"method {type(method).__name__} defines its own loss, which reads "
         "the whole batch (its statistics are not sums over micro-batches): "
         "use accumulation_steps=1.")
+  if method.alternating and (accumulation_steps > 1 or custom_loss
+                             or method.per_loss_gradients):
+    raise ValueError(
+        f"method {type(method).__name__} alternates per-modality updates: "
+        "use accumulation_steps=1, and no custom loss or per-loss gradients.")
   checked: set[Any] = set()
 
   def check_tx_once(params, modalities):
@@ -326,6 +331,95 @@ def make_train_step(apply_fn: ApplyFn, tx: optax.GradientTransformation,
             stats_lib.prediction_statistics(fused, safe, rows), invalid)
     return loss, grads, sums, new_model_state, method_aux
 
+  def alternating_update(state, inputs, labels, mask, rng, gamma, in_warmup,
+                         weight_of):
+    """One masked optimiser update per modality (:attr:`Method.alternating`).
+
+    Sub-step ``m`` differentiates ``method.substep_loss(m, ...)`` at the
+    parameters left by the previous sub-steps, lets the method modify the
+    gradient, and applies ``tx`` to encoder ``m`` and the shared parameters
+    only: every other leaf of the parameters and of the optimiser state
+    keeps its value, and the optimiser's other state (step counts) is taken
+    from the last sub-step alone, so it advances once per step. Statistics
+    and metrics come from the first sub-step's forward pass (the parameters
+    before the step).
+    """
+    names = tuple(sorted(inputs))
+    order = method.substep_order(names)
+    param_labels = label_modalities(names)(state.params)
+    model_labels = label_modalities(names)(state.model_state)
+    param_struct = jax.tree.structure(state.params)
+    is_param_tree = lambda x: jax.tree.structure(x) == param_struct
+    ones = {m: jnp.ones((), jnp.float32) for m in names}
+    params, opt_state, method_state = (state.params, state.opt_state,
+                                       state.method_state)
+    model_states, first, loss_total, sq_norm = {}, None, 0.0, 0.0
+    all_ok = jnp.ones((), bool)
+    for i, m in enumerate(order):
+      last = i == len(order) - 1
+
+      def loss_fn(p, m=m, method_state=method_state):
+        outputs, new_model_state = apply_fn(p, state.model_state, inputs,
+                                            train=True, rng=rng)
+        fused, unimodal, _ = _check_outputs(outputs, inputs)
+        rows, safe, invalid = _label_mask(labels, mask, jnp.shape(fused)[-1])
+        features = _features_of(outputs)
+        loss = method.substep_loss(m, LossContext(
+            fused=fused, unimodal=unimodal, labels=safe, rows=rows,
+            gamma=gamma, active=~in_warmup, state=method_state,
+            inputs=inputs, forward=None, axis_name=axis_name,
+            features=features))
+        count = jnp.sum(rows.astype(jnp.float32))
+        return loss * weight_of(count), (
+            fused, unimodal, None if features is None else features[m],
+            new_model_state, rows, safe, invalid)
+
+      (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+      fused, unimodal, features, new_model_state, rows, safe, invalid = aux
+      if first is None:
+        first = (fused, unimodal, rows, safe, invalid)
+      if axis_name is not None:
+        loss, grads = jax.lax.psum((loss, grads), axis_name)
+      grads, new_method_state = method.substep_gradients(
+          m, grads, features, rows, method_state, state.step, axis_name)
+      updates, new_opt_state = tx.update(grads, opt_state, params,
+                                         modality_scales=ones)
+      new_params = optax.apply_updates(params, updates)
+      norm = optax.tree.norm(grads)
+      ok = jnp.isfinite(loss) & jnp.isfinite(norm)
+      if not skip_nonfinite_updates:
+        ok = jnp.ones((), bool)
+      moves = jax.tree.map(lambda label, m=m: label in (m, "shared"),
+                           param_labels)
+      masked = lambda new, old: jax.tree.map(
+          lambda k, n, o: jnp.where(ok, n, o) if k else o, moves, new, old)
+      params = masked(new_params, params)
+      opt_state = jax.tree.map(
+          lambda new, old, last=last: (
+              masked(new, old) if is_param_tree(new) else
+              (jnp.where(ok, new, old) if last else old)),
+          new_opt_state, opt_state, is_leaf=is_param_tree)
+      method_state = jax.tree.map(lambda n, o: jnp.where(ok, n, o),
+                                  new_method_state, method_state)
+      model_states[m] = new_model_state
+      loss_total = loss_total + loss
+      sq_norm = sq_norm + norm ** 2
+      all_ok = all_ok & ok
+    # Each encoder's batch statistics from its own sub-step; the rest from
+    # the last one.
+    new_model_state = jax.tree.map(
+        lambda label, *leaves: leaves[order.index(label)] if label in order
+        else leaves[-1], model_labels, *(model_states[m] for m in order))
+    if axis_name is not None:
+      new_model_state = jax.lax.pmean(new_model_state, axis_name)
+    fused, unimodal, rows, safe, invalid = first
+    sums = (stats_lib.modality_statistics(unimodal, safe, rows),
+            stats_lib.prediction_statistics(fused, safe, rows), invalid)
+    if axis_name is not None:
+      sums = jax.lax.psum(sums, axis_name)
+    return (loss_total, sums, new_model_state, params, opt_state,
+            method_state, all_ok, jnp.sqrt(sq_norm))
+
   def train_step(state: TrainState, batch: Mapping[str, Any]):
     if not _has_scale_by_modality(state.opt_state):
       raise ValueError(
@@ -344,90 +438,103 @@ def make_train_step(apply_fn: ApplyFn, tx: optax.GradientTransformation,
     in_warmup = state.step < warmup_steps
     gamma = jnp.where(in_warmup, method.warmup_gamma, method.gamma)
 
-    if accumulation_steps == 1:
-      def weight_of(count):       # share of the global batch held here
-        if axis_name is None:
-          return jnp.float32(1.0)
-        return count / jnp.maximum(jax.lax.psum(count, axis_name), 1.0)
-      loss, grads, sums, new_model_state, method_aux = forward_backward(
-          state.params, state.model_state, inputs, labels, mask, rng, gamma,
-          weight_of, state.method_state, ~in_warmup)
+    def weight_of(count):       # share of the global batch held here
+      if axis_name is None:
+        return jnp.float32(1.0)
+      return count / jnp.maximum(jax.lax.psum(count, axis_name), 1.0)
+
+    if method.alternating:
+      (loss, sums, new_model_state, params, opt_state, method_state, ok,
+       grad_norm) = alternating_update(state, inputs, labels, mask, rng,
+                                       gamma, in_warmup, weight_of)
+      stats, fused_stats, invalid = sums
+      heldout, combine_diagnostics = None, {}
+      modulation, method_state = method.modulate(stats, None, method_state)
+      scales = {m: jnp.ones((), jnp.float32) for m in stats}
+      if skip_nonfinite_updates:
+        new_model_state = jax.tree.map(lambda n, o: jnp.where(ok, n, o),
+                                       new_model_state, state.model_state)
     else:
-      # Sums over micro-batches (each loss weighted by its row count), then
-      # one division by the rows of the whole (global) batch.
-      micro = _micro_batches({"inputs": inputs, "labels": labels,
-                              **({} if mask is None else {"mask": mask})},
-                             accumulation_steps)
+      if accumulation_steps == 1:
+        loss, grads, sums, new_model_state, method_aux = forward_backward(
+            state.params, state.model_state, inputs, labels, mask, rng, gamma,
+            weight_of, state.method_state, ~in_warmup)
+      else:
+        # Sums over micro-batches (each loss weighted by its row count), then
+        # one division by the rows of the whole (global) batch.
+        micro = _micro_batches({"inputs": inputs, "labels": labels,
+                                **({} if mask is None else {"mask": mask})},
+                               accumulation_steps)
 
-      def one(carry, xs):
-        k, b = xs
-        model_state, acc = carry
-        loss, grads, sums, model_state, _ = forward_backward(
-            state.params, model_state, b["inputs"], b["labels"],
-            b.get("mask"), jax.random.fold_in(rng, 2 + k), gamma,
-            lambda count: count)
-        add = (loss, grads, sums)
-        acc = add if acc is None else jax.tree.map(jnp.add, acc, add)
-        return (model_state, acc), None
+        def one(carry, xs):
+          k, b = xs
+          model_state, acc = carry
+          loss, grads, sums, model_state, _ = forward_backward(
+              state.params, model_state, b["inputs"], b["labels"],
+              b.get("mask"), jax.random.fold_in(rng, 2 + k), gamma,
+              lambda count: count)
+          add = (loss, grads, sums)
+          acc = add if acc is None else jax.tree.map(jnp.add, acc, add)
+          return (model_state, acc), None
 
-      zero = jax.tree.map(jnp.zeros_like, jax.eval_shape(
-          lambda: one((state.model_state, None),
-                      (0, jax.tree.map(lambda x: x[0], micro)))[0][1]))
-      (new_model_state, (loss, grads, sums)), _ = jax.lax.scan(
-          one, (state.model_state, zero),
-          (jnp.arange(accumulation_steps), micro))
-      rows = sums[1].count + sums[1].num_nonfinite
+        zero = jax.tree.map(jnp.zeros_like, jax.eval_shape(
+            lambda: one((state.model_state, None),
+                        (0, jax.tree.map(lambda x: x[0], micro)))[0][1]))
+        (new_model_state, (loss, grads, sums)), _ = jax.lax.scan(
+            one, (state.model_state, zero),
+            (jnp.arange(accumulation_steps), micro))
+        rows = sums[1].count + sums[1].num_nonfinite
+        if axis_name is not None:
+          rows = jax.lax.psum(rows, axis_name)
+        loss, grads = jax.tree.map(lambda x: x / jnp.maximum(rows, 1.0),
+                                   (loss, grads))
+        method_aux = {}
+      stats, fused_stats, invalid = sums
+      heldout = None
+      if "heldout" in batch:
+        # Statistics only: a separate forward pass in evaluation mode, outside
+        # the differentiated function, so the gradients are those without it.
+        h_inputs, h_labels, h_mask = _unpack_batch(batch["heldout"])
+        outputs, _ = apply_fn(state.params, state.model_state, h_inputs,
+                              train=False, rng=rng)
+        h_fused, h_unimodal, _ = _check_outputs(outputs, h_inputs)
+        rows, safe, _ = _label_mask(h_labels, h_mask, jnp.shape(h_fused)[-1])
+        heldout = stats_lib.modality_statistics(h_unimodal, safe, rows)
+      elif method.needs_heldout:
+        raise ValueError(f"method {method!r} needs held-out rows: give each "
+                         "batch a 'heldout' entry ({'inputs', 'labels', "
+                         "'mask'}).")
       if axis_name is not None:
-        rows = jax.lax.psum(rows, axis_name)
-      loss, grads = jax.tree.map(lambda x: x / jnp.maximum(rows, 1.0),
-                                 (loss, grads))
-      method_aux = {}
-    stats, fused_stats, invalid = sums
-    heldout = None
-    if "heldout" in batch:
-      # Statistics only: a separate forward pass in evaluation mode, outside
-      # the differentiated function, so the gradients are those without it.
-      h_inputs, h_labels, h_mask = _unpack_batch(batch["heldout"])
-      outputs, _ = apply_fn(state.params, state.model_state, h_inputs,
-                            train=False, rng=rng)
-      h_fused, h_unimodal, _ = _check_outputs(outputs, h_inputs)
-      rows, safe, _ = _label_mask(h_labels, h_mask, jnp.shape(h_fused)[-1])
-      heldout = stats_lib.modality_statistics(h_unimodal, safe, rows)
-    elif method.needs_heldout:
-      raise ValueError(f"method {method!r} needs held-out rows: give each "
-                       "batch a 'heldout' entry ({'inputs', 'labels', "
-                       "'mask'}).")
-    if axis_name is not None:
-      loss, grads, stats, fused_stats, invalid, heldout = jax.lax.psum(
-          (loss, grads, stats, fused_stats, invalid, heldout), axis_name)
-      new_model_state = jax.lax.pmean(new_model_state, axis_name)
-    combine_diagnostics = dict(method_aux.get("metrics", {}))
-    method_state = method_aux.get("state", state.method_state)
-    if method.per_loss_gradients:
-      grads, combine_diagnostics = method.combine_gradients(
-          grads, label_modalities(tuple(stats))(state.params), ~in_warmup)
-    modulation, method_state = method.modulate(stats, heldout, method_state)
-    scales = {m: jnp.where(in_warmup, 1.0, v).astype(jnp.float32)
-              for m, v in modulation.scales.items()}
-    extra = {"modality_scales": scales}
-    if modulation.noise is not None:
-      extra["modality_noise"] = {m: jnp.where(in_warmup, 0.0, v)
-                                 for m, v in modulation.noise.items()}
-    updates, opt_state = tx.update(grads, state.opt_state, state.params,
-                                   **extra)
-    params = optax.apply_updates(state.params, updates)
+        loss, grads, stats, fused_stats, invalid, heldout = jax.lax.psum(
+            (loss, grads, stats, fused_stats, invalid, heldout), axis_name)
+        new_model_state = jax.lax.pmean(new_model_state, axis_name)
+      combine_diagnostics = dict(method_aux.get("metrics", {}))
+      method_state = method_aux.get("state", state.method_state)
+      if method.per_loss_gradients:
+        grads, combine_diagnostics = method.combine_gradients(
+            grads, label_modalities(tuple(stats))(state.params), ~in_warmup)
+      modulation, method_state = method.modulate(stats, heldout, method_state)
+      scales = {m: jnp.where(in_warmup, 1.0, v).astype(jnp.float32)
+                for m, v in modulation.scales.items()}
+      extra = {"modality_scales": scales}
+      if modulation.noise is not None:
+        extra["modality_noise"] = {m: jnp.where(in_warmup, 0.0, v)
+                                   for m, v in modulation.noise.items()}
+      updates, opt_state = tx.update(grads, state.opt_state, state.params,
+                                     **extra)
+      params = optax.apply_updates(state.params, updates)
 
-    grad_norm = optax.tree.norm(grads)
-    # One reduction instead of one per leaf: the norm is finite iff every
-    # gradient entry is (barring a norm that overflows, i.e. > 3e38).
-    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    if skip_nonfinite_updates:
-      keep = lambda new, old: jax.tree.map(
-          lambda n, o: jnp.where(ok, n, o), new, old)
-      params = keep(params, state.params)
-      opt_state = keep(opt_state, state.opt_state)
-      new_model_state = keep(new_model_state, state.model_state)
-      method_state = keep(method_state, state.method_state)
+      grad_norm = optax.tree.norm(grads)
+      # One reduction instead of one per leaf: the norm is finite iff every
+      # gradient entry is (barring a norm that overflows, i.e. > 3e38).
+      ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+      if skip_nonfinite_updates:
+        keep = lambda new, old: jax.tree.map(
+            lambda n, o: jnp.where(ok, n, o), new, old)
+        params = keep(params, state.params)
+        opt_state = keep(opt_state, state.opt_state)
+        new_model_state = keep(new_model_state, state.model_state)
+        method_state = keep(method_state, state.method_state)
     diagnostics = {k: v for k, v in modulation.diagnostics.items()
                    if k != "q_estimate"}
     metrics = {
@@ -455,7 +562,8 @@ def make_train_step(apply_fn: ApplyFn, tx: optax.GradientTransformation,
   return train_step
 
 
-def make_eval_step(apply_fn: ApplyFn, batch_transform: Callable | None = None
+def make_eval_step(apply_fn: ApplyFn, batch_transform: Callable | None = None,
+                   method: Method | None = None, axis_name: Any = None
                    ) -> Callable[..., dict[str, Any]]:
   """Builds ``eval_step(state, batch, fusion_weights=None) -> sums``.
 
@@ -463,7 +571,11 @@ def make_eval_step(apply_fn: ApplyFn, batch_transform: Callable | None = None
   first (e.g. ``FrameAugmentation().eval``). ``fusion_weights``: optional
   ``{modality: w_m}`` (traced) that reweight the unimodal logit terms of an
   additive fusion head (:func:`arl_jax.fusion_weighting.weighted_fusion_logits`)
-  before the fused prediction is scored.
+  before the fused prediction is scored. ``method``: the scored logits are
+  ``method.eval_logits(fused, unimodal, valid)`` (MLA's gated fusion; the
+  fused logits for every other method) unless ``fusion_weights`` are given;
+  ``axis_name``: the device axis when the step runs under ``pmap`` (a
+  batch-level gate is then computed over the global batch).
 
   Returns batch *sums* (``count``, ``correct``, ``loss_sum``,
   ``invalid_labels`` and per-modality ``unimodal_correct``) plus per-row
@@ -482,10 +594,12 @@ def make_eval_step(apply_fn: ApplyFn, batch_transform: Callable | None = None
     outputs, _ = apply_fn(state.params, state.model_state, inputs,
                           train=False, rng=state.rng)
     fused, unimodal, _ = _check_outputs(outputs, inputs)
+    valid, safe, invalid = _label_mask(labels, mask, jnp.shape(fused)[-1])
     if fusion_weights is not None:
       fused = fusion_lib.weighted_fusion_logits(fused, unimodal,
                                                 fusion_weights)
-    valid, safe, invalid = _label_mask(labels, mask, jnp.shape(fused)[-1])
+    elif method is not None:
+      fused = method.eval_logits(fused, unimodal, valid, axis_name)
     fused_stats = stats_lib.prediction_statistics(fused, safe, valid)
     stats = stats_lib.modality_statistics(unimodal, safe, valid)
     # Rows with a non-finite prediction count as errors, not as absent.

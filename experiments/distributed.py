@@ -179,12 +179,21 @@ class Topology:
                                       self.devices)
     return parallel.jit_train_step(make_step(None), self.mesh)
 
-  def eval_step(self, eval_step: Callable) -> Callable:
+  def eval_step(self, eval_step: Callable | None = None, *,
+                make_step: Callable[[Any], Callable] | None = None
+                ) -> Callable:
     """A data-parallel ``eval_step(state, local_batch, **kw) -> host dict``.
 
-    Batch sums are summed over devices (pmap) or come out replicated (jit);
-    per-row outputs come back for the whole global batch in row order.
+    Give the step itself, or ``make_step(axis_name)`` (like
+    :meth:`train_step`) for a step that reduces over the device axis under
+    ``pmap`` (MLA's batch-level gates). Batch sums are summed over devices
+    (pmap) or come out replicated (jit); per-row outputs come back for the
+    whole global batch in row order.
     """
+    if (eval_step is None) == (make_step is None):
+      raise ValueError("give eval_step or make_step, not both.")
+    if eval_step is None:
+      eval_step = make_step("batch" if self.mode == "pmap" else None)
     if self.mode == "pmap":
       def per_device(state, batch, fusion_weights):
         return eval_step(state, batch, fusion_weights=fusion_weights)

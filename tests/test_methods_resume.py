@@ -16,6 +16,9 @@ from test_runner import check_sigkill_and_resume
     {"method.name": "pmr"},
     # G-Blending's weights (estimated at epochs 0 and 2 on model copies).
     {"method.name": "g_blending", "method.super_epoch": 2},
-], ids=["agm", "dr", "pmr", "g_blending"])
+    # MLA's projection matrix and sub-step count, with the shared head.
+    {"method.name": "mla", "method.projection": "replace",
+     "model.fusion": "shared"},
+], ids=["agm", "dr", "pmr", "g_blending", "mla"])
 def test_method_state_survives_sigkill_and_resume(tmp_path, extra):
   check_sigkill_and_resume(tmp_path, extra)

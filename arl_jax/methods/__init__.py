@@ -21,6 +21,7 @@ from arl_jax.methods.base import method_names
 from arl_jax.methods.base import register_method
 from arl_jax.methods.diagnose_relearn import DiagnoseRelearn
 from arl_jax.methods.g_blending import GBlending
+from arl_jax.methods.mla import MLA
 from arl_jax.methods.mmpareto import MMPareto
 from arl_jax.methods.ogm_ge import OGMGE
 from arl_jax.methods.pmr import PMR
@@ -28,7 +29,8 @@ from arl_jax.methods.unimodal_regularisation import UnimodalRegularisation
 
 __all__ = [
     "AGM", "ARL", "ARLNoResidual", "ARLReleased", "ARLReleasedApplied",
-    "DiagnoseRelearn", "EpochContext", "GBlending", "LossContext", "MMPareto", "Method",
+    "DiagnoseRelearn", "EpochContext", "GBlending", "LossContext", "MLA", "MMPareto",
+    "Method",
     "Modulation", "OGMGE", "PMR", "UnimodalRegularisation", "make_method",
     "method_class", "method_names", "register_method",
 ]

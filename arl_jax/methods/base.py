@@ -22,6 +22,11 @@ capabilities, never for names:
 * ``has_epoch_hook`` + ``epoch_end(epoch, state, EpochContext)``: run by the
   runner outside jit at epoch 0 and after every epoch (PMR's prototypes,
   D&R's re-initialisation, G-Blending's copies).
+* ``alternating`` + ``substep_loss`` / ``substep_gradients``: one optimiser
+  update per modality in every step, masked to that modality's encoder and
+  the shared parameters (MLA);
+* ``eval_logits(fused, unimodal, valid)``: the prediction at evaluation
+  when the method fuses differently (MLA's entropy gates).
 
 A new weighting rule is a new subclass plus :func:`register_method`; the
 train step and the runner do not change. One module per method in
@@ -216,6 +221,34 @@ class Method:
     raise NotImplementedError(
         f"{type(self).__name__} sets per_loss_gradients but does not define "
         "combine_gradients.")
+
+  # Alternating sub-steps. A method that sets this is trained, in every
+  # step, by one optimiser update per modality (``substep_order``), each on
+  # ``substep_loss`` and masked to that modality's encoder and the shared
+  # parameters (the head): the other encoders' parameters and optimiser
+  # state do not move; the optimiser's counter advances once per step.
+  alternating: ClassVar[bool] = False
+
+  def substep_order(self, names) -> tuple[str, ...]:
+    """The order of the per-modality sub-steps (default: sorted names)."""
+    return tuple(sorted(names))
+
+  def substep_loss(self, modality: str, ctx: LossContext) -> Any:
+    """Sub-step ``modality``'s loss; default ``CE(p_m, y)``."""
+    return ctx.cross_entropy(ctx.unimodal[modality])
+
+  def substep_gradients(self, modality: str, grads: Any, features: Any,
+                        rows: Any, state: Any, step: Any,
+                        axis_name: Any = None) -> tuple[Any, Any]:
+    """Sub-step ``modality``'s gradient before the update, and the state."""
+    del modality, features, rows, step, axis_name
+    return grads, state
+
+  def eval_logits(self, fused: Any, unimodal: Mapping[str, Any], valid: Any,
+                  axis_name: Any = None) -> Any:
+    """The logits scored at evaluation; default the fused logits."""
+    del unimodal, valid, axis_name
+    return fused
 
   def modulate(self, stats: Mapping[str, ModalityStatistics],
                heldout: Mapping[str, ModalityStatistics] | None,
