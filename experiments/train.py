@@ -120,11 +120,15 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     method.init_state(tuple(_source_modalities(config)))
   except ValueError as e:
     raise ConfigError(f"method {config.method.name!r}: {e}") from None
-  if method.has_epoch_hook and c.source not in IN_MEMORY_SOURCES:
+  if (method.has_epoch_hook and c.source in AV_SOURCES
+      and jax.process_count() > 1):
+    # Each process reads only its rows of an audio-visual split; the hook
+    # needs every row in every process (features, model copies).
     raise ConfigError(f"method {config.method.name!r} reads the encoders' "
-                      "features of the whole training split after epochs: "
-                      "implemented for the in-memory sources "
-                      f"{list(IN_MEMORY_SOURCES)} only.")
+                      "features of the whole training and validation splits "
+                      "and trains model copies after epochs: with an "
+                      "audio-visual source that runs in one process only "
+                      f"(this run has {jax.process_count()} processes).")
   if method.needs_heldout and not c.heldout_fraction > 0:
     raise ConfigError(f"method {config.method.name!r} with these fields needs "
                       "held-out rows: set config.data.heldout_fraction (e.g. "
@@ -271,6 +275,10 @@ class Data:
   heldout: tuple | None = None
   # True when the pipeline already yields only this process's rows.
   sharded_by_process: bool = False
+  # Audio-visual sources: the training split in evaluation mode (no
+  # augmentation, every row once, a padded last batch with ``mask`` False),
+  # what the epoch hooks' features of "train" read.
+  train_eval: Callable[[], Iterator[dict]] | None = None
 
 
 @functools.lru_cache(maxsize=4)
@@ -389,7 +397,10 @@ def load_data(config, workdir: pathlib.Path, *, attach_heldout: bool = False,
       extra={"augment": augment},
       train_transform=aug.train if on_device else None,
       eval_transform=aug.eval if on_device else None,
-      sharded_by_process=bool(shards))
+      sharded_by_process=bool(shards),
+      train_eval=functools.partial(av, src["train"],
+                                   batch_size=config.eval_batch_size,
+                                   train=False))
 
 
 # ------------------------------------------------------------------- model --
@@ -794,13 +805,35 @@ class _Checkpoints:
 
 
 def _split_features(feature_fn, host_state, data: Data, split: str,
-                    chunk: int = 1024):
-  """``({modality: features}, labels)`` of every row of an in-memory split."""
-  x, y = data.splits[split]
-  parts = [jax.device_get(feature_fn(host_state, {
-      m: v[i:i + chunk] for m, v in x.items()}))
-           for i in range(0, len(y), chunk)]
-  return {m: np.concatenate([p[m] for p in parts]) for m in parts[0]}, y
+                    chunk: int = 1024, *, eval_transform=None):
+  """``({modality: features}, labels)`` of every row of ``split``, in
+  evaluation mode: ``"train"`` or ``"validation"``, never the test split.
+
+  In-memory sources: the split's arrays, ``chunk`` rows at a time.
+  Audio-visual sources: the split's evaluation batches (``"train"``:
+  ``data.train_eval``, no augmentation), each through ``eval_transform``
+  (``data.eval_transform``, jitted) where given, padding rows dropped.
+  """
+  if split not in ("train", "validation"):
+    raise ValueError(f"an epoch hook reads the 'train' or 'validation' split, "
+                     f"never {split!r}.")
+  if data.splits is not None:
+    x, y = data.splits[split]
+    parts = [jax.device_get(feature_fn(host_state, {
+        m: v[i:i + chunk] for m, v in x.items()}))
+             for i in range(0, len(y), chunk)]
+    return {m: np.concatenate([p[m] for p in parts]) for m in parts[0]}, y
+  batches = data.train_eval if split == "train" else data.evaluate[split]
+  parts, labels = [], []
+  for batch in batches():
+    inputs = (batch if eval_transform is None
+              else eval_transform(batch))["inputs"]
+    keep = np.asarray(batch["mask"], bool)
+    feats = jax.device_get(feature_fn(host_state, inputs))
+    parts.append({m: np.asarray(v)[keep] for m, v in feats.items()})
+    labels.append(np.asarray(batch["labels"])[keep])
+  return ({m: np.concatenate([p[m] for p in parts]) for m in parts[0]},
+          np.concatenate(labels))
 
 
 def _fit_copy(state, keep, epochs, *, apply_fn, tx, data: Data, config,
@@ -808,16 +841,21 @@ def _fit_copy(state, keep, epochs, *, apply_fn, tx, data: Data, config,
   """Trains a copy of ``state`` (fresh optimiser state, one device) on CE of
   the fused logits with inputs outside ``keep`` zeroed; returns per
   copy-epoch sums of per-batch mean training and validation losses.
-  ``compiled`` keeps each ``keep``'s jitted steps for the next call."""
+  Reads ``data.train`` and the validation batches (with the data's device
+  transforms, if any; every row in this process: one process only for a
+  source sharded by process). ``compiled`` keeps each ``keep``'s jitted
+  steps for the next call."""
   keep = tuple(keep)
   if keep not in compiled:
     def zeroed(params, model_state, inputs, *, train, rng):
       x = {m: v if m in keep else jnp.zeros_like(v) for m, v in inputs.items()}
       return apply_fn(params, model_state, x, train=train, rng=rng)
     compiled[keep] = (
-        jax.jit(arl_jax.make_train_step(zeroed, tx, arl_jax.Method(),
-                                        check_tx=False)),
-        jax.jit(arl_jax.make_eval_step(zeroed)))
+        jax.jit(arl_jax.make_train_step(
+            zeroed, tx, arl_jax.Method(), check_tx=False,
+            batch_transform=data.train_transform)),
+        jax.jit(arl_jax.make_eval_step(zeroed,
+                                       batch_transform=data.eval_transform)))
   step, evaluate_fn = compiled[keep]
   copy = state.replace(opt_state=tx.init(state.params))
   train_sums, val_sums = [], []
@@ -902,12 +940,14 @@ def _train_locked(config, workdir: pathlib.Path, topology,
   features = feature_fn if config.diagnostics.linear_probe else None
   fit_copy = functools.partial(_fit_copy, apply_fn=apply_fn, tx=tx,
                                data=data, config=config, compiled={})
+  hook_transform = (jax.jit(data.eval_transform) if data.eval_transform
+                    else None)
 
   def epoch_context(host_state):
     return arl_jax.EpochContext(
         modalities=data.modalities, num_classes=data.num_classes,
         features=functools.partial(_split_features, feature_fn, host_state,
-                                   data),
+                                   data, eval_transform=hook_transform),
         seed=config.seed, fit_copy=fit_copy)
 
   if method.has_epoch_hook:

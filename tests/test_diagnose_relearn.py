@@ -114,8 +114,12 @@ def test_runner_reinitialises_and_records_it(tmp_path):
   assert "method" not in history[1]               # times=1
 
 
-def test_audio_visual_sources_are_refused_before_training(tmp_path):
+def test_audio_visual_sources_in_several_processes_are_refused(tmp_path,
+                                                              monkeypatch):
+  # One process: accepted (tests/test_runner_av_methods.py trains it).
   c = tiny_synthetic(**{"method.name": "dr"})
   c.data.source, c.data.path = "crema_d", str(tmp_path)
-  with pytest.raises(train.ConfigError, match="in-memory sources"):
+  train.validate_config(c)
+  monkeypatch.setattr(train.jax, "process_count", lambda: 2)
+  with pytest.raises(train.ConfigError, match="runs in one process only"):
     train.validate_config(c)

@@ -64,8 +64,29 @@ def get_config() -> ml_collections.ConfigDict:
   c.method.estimator = ml_collections.config_dict.placeholder(str)
   c.method.ema = ml_collections.config_dict.placeholder(float)
   c.method.dependency = ml_collections.config_dict.placeholder(str)
-  # MMPareto: Gamma, the rescale of the integrated gradient (official 1.5).
+  # ARL: the gradient residual g + a_m g (False: a_m g, arl_no_residual's),
+  # the floor on the mean entropy, the reference modality (K > 2; default:
+  # the last name in sorted order).
+  c.method.residual = ml_collections.config_dict.placeholder(bool)
+  c.method.entropy_floor = ml_collections.config_dict.placeholder(float)
+  c.method.reference = ml_collections.config_dict.placeholder(str)
+  # arl_released(_applied): scale encoders by the constant instead of a_m.
+  c.method.apply_constant = ml_collections.config_dict.placeholder(bool)
+  c.method.constant = ml_collections.config_dict.placeholder(float)
+  # OGM-GE: Gaussian gradient noise (GE); its alpha is method.alpha.
+  c.method.noise = ml_collections.config_dict.placeholder(bool)
+  # MMPareto: Gamma, the rescale of the integrated gradient (official 1.5),
+  # and each unimodal loss pulled back on its own (K + 1 backward passes).
   c.method.magnitude = ml_collections.config_dict.placeholder(float)
+  c.method.separate_unimodal = ml_collections.config_dict.placeholder(bool)
+  # MLA: head-gradient projection ("none" | "replace" | "add"), the head
+  # kernel's /-path, the inference gating ("batch_entropy" |
+  # "sample_entropy" | "fixed") and the fixed weights (sorted-name order;
+  # empty: equal). Its batches_per_epoch is the runner's.
+  c.method.projection = ml_collections.config_dict.placeholder(str)
+  c.method.head_kernel = ml_collections.config_dict.placeholder(str)
+  c.method.gating = ml_collections.config_dict.placeholder(str)
+  c.method.fixed_weights = ml_collections.config_dict.placeholder(tuple)
   # AGM: upper clamp of r^ - r (official CREMA-D 10); its alpha is method.alpha.
   c.method.clamp = ml_collections.config_dict.placeholder(float)
   # D&R: w = tanh(lam gap), re-initialise every `every` epochs, at most
