@@ -273,6 +273,15 @@ def make_train_step(apply_fn: ApplyFn, tx: optax.GradientTransformation,
           "where it acts; pass check_tx=False to train this way anyway.")
     checked.add(key)
 
+  def split_model(params, model_state):
+    """``encode`` / ``classify`` closures when ``apply_fn`` carries them."""
+    encode = getattr(apply_fn, "encode", None)
+    classify = getattr(apply_fn, "classify", None)
+    if encode is None or classify is None:
+      return {}
+    return {"encode": lambda x: encode(params, model_state, x),
+            "classify": lambda f: classify(params, f)}
+
   def forward_backward(params, model_state, inputs, labels, mask, rng, gamma,
                        weight_of, method_state=(), active=True):
     """Loss (times ``weight_of(rows)``), gradients, batch sums and what the
@@ -291,7 +300,8 @@ def make_train_step(apply_fn: ApplyFn, tx: optax.GradientTransformation,
             fused=fused, unimodal=unimodal, labels=safe, rows=rows,
             gamma=gamma, active=active, state=method_state, inputs=inputs,
             forward=forward, axis_name=axis_name,
-            features=_features_of(outputs)))
+            features=_features_of(outputs), **split_model(params,
+                                                          model_state)))
       else:
         loss = losses.arl_loss(fused, unimodal, safe, gamma, mask=rows)
         method_aux = {}

@@ -912,6 +912,10 @@ def _train_locked(config, workdir: pathlib.Path, topology,
   if writer:
     _write_atomic(workdir / "config.json", _config_json(config))
 
+  if "batches_per_epoch" in {f.name for f in dataclasses.fields(method)}:
+    # MLA's alpha_t counts batches within an epoch.
+    method = dataclasses.replace(method,
+                                 batches_per_epoch=data.steps_per_epoch)
   model = build_model(config, data)
   params, model_state = models.init_model(model, jax.random.PRNGKey(config.seed),
                                           data.example)
@@ -927,8 +931,9 @@ def _train_locked(config, workdir: pathlib.Path, topology,
       warmup_steps=config.warmup_epochs * data.steps_per_epoch,
       batch_transform=data.train_transform,
       check_tx=config.optim.check_scales, axis_name=axis_name))
-  run_eval = topology.eval_step(arl_jax.make_eval_step(
-      apply_fn, batch_transform=data.eval_transform))
+  run_eval = topology.eval_step(make_step=lambda axis_name: (
+      arl_jax.make_eval_step(apply_fn, batch_transform=data.eval_transform,
+                             method=method, axis_name=axis_name)))
   local = (lambda b: b) if data.sharded_by_process else topology.local_part
   eval_step = lambda st, batch, **kw: run_eval(st, local(batch), **kw)
   weigh_fusion = (data.heldout is not None

@@ -148,3 +148,43 @@ def test_first_step_coefficients_use_zero_running_scores():
     assert float(metrics["a"][m]) == pytest.approx(c[m], rel=1e-4)
     assert float(new.method_state["running"][m]) == pytest.approx(
         new_running[m], rel=1e-4)
+
+
+@pytest.mark.parametrize("k", [2, 3])
+def test_split_model_path_equals_whole_model_passes(k):
+  """With ``make_apply_fn`` the zeroed subsets run each encoder once (and a
+  row of zeros); the loss, the step's gradients and AGM's state equal those
+  of the whole-model passes, BatchNorm (evaluation mode) included."""
+  from arl_jax import models
+  names = ("a", "b", "c")[:k]
+  dims = {"a": 5, "b": 7, "c": 3}
+  model = models.MultimodalClassifier(
+      encoders={m: models.MLPEncoder((8,), input_dim=dims[m], batch_norm=True)
+                for m in names},
+      head=models.make_fusion("concat", 4, names))
+  rng = np.random.default_rng(k)
+  x = {m: rng.normal(size=(12, dims[m])).astype(np.float32) for m in names}
+  y = rng.integers(0, 4, 12).astype(np.int32)
+  params, model_state = models.init_model(model, jax.random.PRNGKey(0), x)
+  split = models.make_apply_fn(model)
+  whole = lambda *a, **kw: split(*a, **kw)       # no encode / classify
+  results = []
+  for apply_fn in (split, whole):
+    tx = arl_jax.with_modality_scales(optax.sgd(0.1),
+                                      arl_jax.label_modalities(names))
+    method = arl_jax.AGM()
+    state = arl_jax.TrainState.create(params=params, tx=tx,
+                                      model_state=model_state,
+                                      rng=jax.random.PRNGKey(1),
+                                      method=method, modalities=names)
+    step = jax.jit(arl_jax.make_train_step(apply_fn, tx, method,
+                                           check_tx=False))
+    for _ in range(2):
+      state, metrics = step(state, {"inputs": x, "labels": y})
+    results.append((state, metrics))
+  (a, ma), (b, mb) = results
+  close = lambda u, v: np.testing.assert_allclose(u, v, rtol=2e-5, atol=2e-6)
+  jax.tree.map(close, jax.device_get(a.params), jax.device_get(b.params))
+  jax.tree.map(close, jax.device_get(a.method_state),
+               jax.device_get(b.method_state))
+  close(ma["loss"], mb["loss"])

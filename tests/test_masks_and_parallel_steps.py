@@ -182,22 +182,9 @@ def test_pmr_data_parallel_equals_one_device(mode):
   jax.tree.map(close, st.opt_state, state.opt_state)
   jax.tree.map(np.testing.assert_array_equal, st.method_state,
                state.method_state)
-  keys = ("loss", "pmr_rho", "pmr_weight")
-  if mode == "jit":     # under pmap: see the next test
-    keys += ("prototype_loss",)
-  for key in keys:
+  # prototype_loss is a metric of the global batch under pmap too.
+  for key in ("loss", "pmr_rho", "pmr_weight", "prototype_loss"):
     jax.tree.map(close, metrics[key], ref_metrics[key])
-
-
-@pytest.mark.xfail(strict=True, reason=(
-    "PMR reports prototype_loss as the mean over this device's rows "
-    "(ctx.cross_entropy; the step passes method metrics through "
-    "unreduced): under pmap each replica reports its own. The loss and "
-    "the update are global. Fix in arl_jax/methods/pmr.py: report "
-    "ctx.global_mean of the per-row prototype cross-entropy."))
-def test_pmr_prototype_loss_metric_is_global_under_pmap():
-  _, ref_metrics, _, metrics = _pmr_runs("pmap")
-  jax.tree.map(close, metrics["prototype_loss"], ref_metrics["prototype_loss"])
 
 
 @pytest.mark.parametrize("mode", ["pmap", "jit"])

@@ -65,7 +65,7 @@ def test_configs_load_and_validate():
     # accepted: one message naming the field and what it may be.
     (lambda c: c.model.update(fusion="bogus"),
      r"config.model.fusion must be one of \['concat', 'film', 'gated', "
-     r"'sum'\]; got 'bogus'"),
+     r"'shared', 'sum'\]; got 'bogus'"),
     (lambda c: c.optim.update(learning_rate=float("nan")),
      "config.optim.learning_rate must be a finite number > 0; got nan"),
     (lambda c: c.optim.update(learning_rate=-0.01),
@@ -100,7 +100,7 @@ def test_unknown_config_field():
     ("--config.nonsense=1", "error: unknown config field 'nonsense' in "
      "'--config.nonsense=1'; known fields here: ['batch_size', "),
     ("--config.model.fusion=bogus", "error: config.model.fusion must be one "
-     "of ['concat', 'film', 'gated', 'sum']; got 'bogus'."),
+     "of ['concat', 'film', 'gated', 'shared', 'sum']; got 'bogus'."),
 ])
 def test_cli_rejects_a_bad_override_in_one_line(override, message, tmp_path):
   out = subprocess.run(

@@ -50,11 +50,17 @@ from arl_jax.methods.base import _check_concrete
 from arl_jax.methods.base import register_method
 
 
-def shapley_responses(fused, forward, inputs, names):
+def shapley_responses(fused, forward, inputs, names, encode=None,
+                      classify=None):
   """``{m: phi_m}``: Shapley values of the fused logits (f(empty) = 0).
 
-  ``fused`` is ``f(all)``; the proper non-empty subsets run through
-  ``forward`` in one batch (their rows stacked).
+  ``fused`` is ``f(all)``; the proper non-empty subsets are evaluated in
+  evaluation mode, in one batch (their rows stacked). With the model in two
+  parts (``encode``, ``classify``), each encoder runs once on its real
+  inputs and once on one row of zeros (evaluation mode makes a zero input's
+  features the same for every row) and only the head sees every subset;
+  otherwise ``forward`` runs the whole model on every subset's inputs. The
+  two give the same values.
   """
   k = len(names)
   subsets = [frozenset(s) for r in range(1, k) for s in
@@ -62,10 +68,18 @@ def shapley_responses(fused, forward, inputs, names):
   values = {frozenset(names): fused, frozenset(): jnp.zeros_like(fused)}
   if subsets:
     batch = jnp.shape(fused)[0]
-    stacked = {m: jnp.concatenate([
-        x if m in s else jnp.zeros_like(x) for s in subsets]) for m, x in
-               inputs.items()}
-    out, _ = forward(stacked)
+    if encode is not None and classify is not None:
+      real = encode(inputs)
+      zero = encode({m: jnp.zeros_like(x[:1]) for m, x in inputs.items()})
+      stacked = {m: jnp.concatenate([
+          f if m in s else jnp.broadcast_to(zero[m], f.shape)
+          for s in subsets]) for m, f in real.items()}
+      out = classify(stacked)
+    else:
+      stacked = {m: jnp.concatenate([
+          x if m in s else jnp.zeros_like(x) for s in subsets]) for m, x in
+                 inputs.items()}
+      out, _ = forward(stacked)
     for i, s in enumerate(subsets):
       values[s] = out[i * batch:(i + 1) * batch]
   phi = {}
@@ -123,7 +137,8 @@ class AGM(Method):
       raise ValueError("AGM keeps running scores: create the TrainState "
                        "with method=..., modalities=....")
     names = sorted(ctx.unimodal)
-    phi = shapley_responses(ctx.fused, ctx.forward, ctx.inputs, names)
+    phi = shapley_responses(ctx.fused, ctx.forward, ctx.inputs, names,
+                            ctx.encode, ctx.classify)
     scores = {}
     for m in names:
       logp = jax.nn.log_softmax(jax.lax.stop_gradient(phi[m]).astype(

@@ -101,6 +101,12 @@ class LossContext(NamedTuple):
   forward: Any
   axis_name: Any = None
   features: Any = None      # {m: [batch, d]} when apply_fn returns them
+  # The model in two parts when ``apply_fn`` carries them (``make_apply_fn``
+  # does): ``encode(inputs) -> {m: features}`` in evaluation mode and
+  # ``classify(features) -> logits`` (the fusion head), same parameters,
+  # differentiable; None otherwise.
+  encode: Any = None
+  classify: Any = None
 
   def cross_entropy(self, logits: Any) -> Any:
     """Mean cross-entropy of ``logits`` over the counted rows."""

@@ -102,11 +102,16 @@ class PMR(Method):
                        "with_features=True), or return (fused, unimodal, "
                        "{modality: features}).")
     a, v = sorted(ctx.unimodal)
-    ce = {}
-    true_prob = {}
+    ce, ce_metric, true_prob = {}, {}, {}
     for m in (a, v):
       d = prototype_distances(ctx.features[m], ctx.state["prototypes"][m])
       ce[m] = ctx.cross_entropy(-d)
+      # The metric over the global batch (the loss term is this device's
+      # share, summed over devices by the step).
+      logp = jax.nn.log_softmax(-jax.lax.stop_gradient(d).astype(
+          jnp.float32), axis=-1)
+      ce_metric[m] = ctx.global_mean(-jnp.take_along_axis(
+          logp, ctx.labels[:, None], axis=-1)[:, 0])
       p = jax.nn.softmax(-jax.lax.stop_gradient(d), axis=-1)
       true_prob[m] = ctx.global_mean(jnp.take_along_axis(
           p, ctx.labels[:, None], axis=-1)[:, 0])
@@ -117,7 +122,7 @@ class PMR(Method):
     loss = ctx.cross_entropy(ctx.fused) + beta * ce[a] + lam * ce[v]
     return loss, {"metrics": {"pmr_rho": rho,
                               "pmr_weight": {a: beta, v: lam},
-                              "prototype_loss": ce}}
+                              "prototype_loss": ce_metric}}
 
   def epoch_end(self, epoch, state, context):
     names = tuple(sorted(context.modalities))

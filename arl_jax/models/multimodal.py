@@ -101,8 +101,23 @@ def make_apply_fn(model: nn.Module, with_features: bool = False
   training every collection present is mutable and updated, in evaluation
   none is. ``with_features``: the outputs are ``(fused, unimodal,
   features)``, for a method that reads the encoders' features (PMR).
+
+  The function also carries the model in two parts, ``apply_fn.encode(params,
+  model_state, inputs) -> {m: features}`` (evaluation mode) and
+  ``apply_fn.classify(params, features) -> logits`` (the fusion head), which
+  the train step hands to a method's loss (``LossContext.encode`` /
+  ``LossContext.classify``).
   """
   extra = {"with_features": True} if with_features else {}
+
+  def encode(params, model_state, inputs):
+    """The encoders' evaluation-mode ``{m: features}`` (differentiable)."""
+    return model.apply({"params": params, **model_state}, inputs, train=False,
+                       features_only=True)
+
+  def classify(params, features):
+    """The fusion head alone: ``{m: features} -> logits``."""
+    return model.apply({"params": params}, features, method=_call_head)
 
   def apply_fn(params, model_state, inputs, *, train: bool, rng):
     variables = {"params": params, **model_state}
@@ -114,7 +129,15 @@ def make_apply_fn(model: nn.Module, with_features: bool = False
     outputs = model.apply(variables, inputs, train=train, rngs=rngs, **extra)
     return outputs, model_state
 
+  # The model in two parts, for methods that recombine features (AGM's
+  # zeroed-input passes run each encoder once instead of once per subset).
+  apply_fn.encode = encode
+  apply_fn.classify = classify
   return apply_fn
+
+
+def _call_head(module: nn.Module, features):
+  return module.head(features)
 
 
 def modality_labels(params: Mapping[str, Any], modalities,
