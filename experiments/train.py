@@ -42,6 +42,7 @@ from arl_jax.data import uci_multifeature
 from arl_jax.models import fusion as fusion_lib
 from experiments import diagnostics
 from experiments import distributed
+from experiments import tensorboard
 from experiments import workdir as workdir_lib
 from experiments.configs import default as default_config
 
@@ -726,6 +727,16 @@ def _log(message: str) -> None:
   print(message, file=sys.stderr, flush=True)
 
 
+def _event_log(workdir: pathlib.Path, history: list[dict]):
+  """TensorBoard events of the record (None without tensorboardX)."""
+  try:
+    return tensorboard.EventLog(workdir, history)
+  except ImportError:
+    _log("tensorboardX is not installed: no TensorBoard events (pip install "
+         "'.[experiments]'); metrics.jsonl has every figure.")
+    return None
+
+
 def _read_log(path: pathlib.Path, last_epoch: int) -> list[dict]:
   """Records of epochs <= ``last_epoch`` from a JSONL log (a log, not the
   run's record: a torn line -- what a kill mid-write leaves -- is dropped, a
@@ -980,12 +991,14 @@ def _train_locked(config, workdir: pathlib.Path, topology,
   history_path = workdir / "metrics.jsonl"
   timings_path = workdir / "timings.jsonl"
   _barrier("state restored")
+  events = None
   if writer:
     _write_atomic(history_path,
                   "".join(workdir_lib.json_line(h) for h in history))
     _write_atomic(timings_path, "".join(
         workdir_lib.json_line(t)
         for t in _read_log(timings_path, meta["epoch"])))
+    events = _event_log(workdir, history)
 
   steps = data.steps_per_epoch
   position = meta.pop("position") or {"epoch": meta["epoch"] + 1, "batch": 0}
@@ -1083,6 +1096,8 @@ def _train_locked(config, workdir: pathlib.Path, topology,
         f.write(workdir_lib.json_line(record))
       with open(timings_path, "a") as f:
         f.write(workdir_lib.json_line(timing))
+      if events is not None:
+        events.add(record)
     progress.epoch(record)
     saved = (epoch % config.checkpoint_every_epochs == 0
              or epoch == config.num_epochs)
@@ -1103,6 +1118,8 @@ def _train_locked(config, workdir: pathlib.Path, topology,
                           "(a multiple of checkpoint_every_epochs).")
       return {"stopped_after_epoch": epoch, "workdir": str(workdir)}
   checkpoints.close()
+  if events is not None:
+    events.close()
   final_params = topology.host(state.params)
 
   best = next(h for h in history if h["epoch"] == meta["best_epoch"])

@@ -11,6 +11,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from experiments import configs
+from experiments import tensorboard
 from experiments import train
 from experiments.configs import ave
 from experiments.configs import crema_d
@@ -257,6 +258,30 @@ def check_sigkill_and_resume(tmp_path, extra):
   ra = json.loads((reference / "results.json").read_text())
   rb = json.loads((killed / "results.json").read_text())
   assert ra == rb
+  # TensorBoard events: rewritten from the record on the resume, so every
+  # epoch appears once, with the values of metrics.jsonl.
+  assert (check_events(killed, epochs)
+          == check_events(reference, epochs))
+
+
+def check_events(workdir, epochs):
+  """The workdir's TensorBoard scalars, read back and checked against
+  metrics.jsonl: one value per epoch per tag."""
+  events = tensorboard.read_scalars(workdir / "tensorboard")
+  log = [json.loads(l) for l in
+         (workdir / "metrics.jsonl").read_text().splitlines()]
+  assert len(events) > 10
+  for tag, values in events.items():
+    assert [step for step, _ in values] == list(range(1, epochs + 1)), tag
+  for record in log:
+    want = tensorboard.scalars(record)
+    for tag, value in want.items():
+      got = dict(events[tag])[record["epoch"]]
+      assert got == np.float32(value), (tag, got, value)
+  for tag in ("train/loss", "validation/accuracy", "test/accuracy",
+              "lr", "a/audio"):
+    assert tag in events, sorted(events)
+  return events
 
 
 def test_workdir_of_another_config_is_refused_and_kept(tmp_path):
