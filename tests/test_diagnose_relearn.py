@@ -69,7 +69,7 @@ def test_epoch_hook_interpolates_towards_the_initial_encoders():
                            "visual": _blobs(y, shifted, 3)}, y)}
   context = arl_jax.EpochContext(modalities=names, num_classes=3,
                                  features=feats.__getitem__, seed=0)
-  new, record = method.epoch_end(2, state, context)
+  new, record = method.epoch_end(3, state, context)
   w = {"audio": 0.0, "visual": np.tanh(3.0 * (1.0 - 2.0 / 3.0))}
   assert record["reinit"]["visual"]["purity_validation"] == pytest.approx(2 / 3)
   for m in names:
@@ -97,8 +97,9 @@ def test_schedule_every_and_at_most_times():
   for epoch in range(1, 8):
     state, record = method.epoch_end(epoch, state, context)
     counts.append((epoch, int(state.method_state["count"]), bool(record)))
-  # every=2, times=2: after epochs 2 and 4 only.
-  assert [c for c in counts if c[2]] == [(2, 1, True), (4, 2, True)]
+  # every=2, times=2: after the official loop's epochs 2 and 4 (0-based),
+  # the runner's 3 and 5, only.
+  assert [c for c in counts if c[2]] == [(3, 1, True), (5, 2, True)]
   assert calls.count("test") == 0 and calls.count("validation") == 2
 
 
@@ -108,10 +109,11 @@ def test_runner_reinitialises_and_records_it(tmp_path):
   train.train_and_evaluate(c, tmp_path / "dr")
   history = [json.loads(l) for l in
              (tmp_path / "dr" / "metrics.jsonl").read_text().splitlines()]
-  info = history[0]["method"]["reinit"]
+  # every=1: after the official 0-based epoch 1, the runner's epoch 2.
+  assert "method" not in history[0]
+  info = history[1]["method"]["reinit"]
   assert set(info) == {"audio", "visual"}
   assert all(0.0 <= v["weight"] < 1.0 for v in info.values())
-  assert "method" not in history[1]               # times=1
 
 
 def test_audio_visual_sources_in_several_processes_are_refused(tmp_path,

@@ -10,7 +10,7 @@ from test_runner import check_sigkill_and_resume
     # AGM's running scores and step count (its method state).
     {"method.name": "agm"},
     # D&R's initial encoders and count, and its re-initialisation after
-    # epoch 2 (before checkpoint 2).
+    # epoch 3 (0-based 2), after the resume from checkpoint 2.
     {"method.name": "dr", "method.every": 2},
     # PMR's prototypes (set by its epoch hook, used by every step).
     {"method.name": "pmr"},

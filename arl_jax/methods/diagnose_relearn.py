@@ -1,8 +1,9 @@
 """D&R, Diagnosing and Re-learning (Wei, Li, Feng, Hu, ECCV 2024).
 
 The training step is the baseline (``CE(p_f, y)``); the method is an epoch
-hook. After epoch ``e`` (``e % every == 0``, ``e > 0``, at most ``times``
-times), for each modality ``m``:
+hook. After the epoch of 0-based index ``e`` (the runner's epoch ``e + 1``)
+with ``e % every == 0`` and ``e > 0``, at most ``times`` times (official: 20,
+3, i.e. after the runner's epochs 21, 41 and 61), for each modality ``m``:
 
 1. encoder features of the whole training split and of the held-out
    (validation) split, in evaluation mode;
@@ -120,7 +121,8 @@ class DiagnoseRelearn(Method):
 
   def epoch_end(self, epoch, state, context):
     count = int(jax.device_get(state.method_state["count"]))
-    if epoch <= 0 or epoch % self.every or count >= self.times:
+    e = epoch - 1      # the official loop's 0-based index of this epoch
+    if e <= 0 or e % self.every or count >= self.times:
       return state, {}
     names = tuple(sorted(context.modalities))
     feats = {split: context.features(split) for split in ("train",
