@@ -38,9 +38,11 @@ def _batch(rows=32, seed=0):
   return next(iterate_batches(x, y, rows))
 
 
+# Every per-step rule (D&R's step is concat's; PMR and MLA: their own
+# tests below and in test_mla.py). G-Blending's weights are its state.
 METHODS = [arl_jax.ARL(temperature=4.0), arl_jax.OGMGE(alpha=0.5),
-           arl_jax.MMPareto(), arl_jax.AGM()]
-IDS = ["arl", "ogm_ge", "mmpareto", "agm"]
+           arl_jax.MMPareto(), arl_jax.AGM(), arl_jax.GBlending()]
+IDS = ["arl", "ogm_ge", "mmpareto", "agm", "g_blending"]
 
 
 @pytest.mark.parametrize("method", METHODS, ids=IDS)
