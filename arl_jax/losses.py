@@ -86,6 +86,20 @@ def loss_terms(fused_logits: Array, unimodal_logits: Mapping[str, Array],
   names, _, classes = _validation.check_logits(unimodal_logits)
   w, labels = _rows(labels, mask, classes)
   stacked = jnp.stack([fused_logits] + [unimodal_logits[m] for m in names])
-  per_example = optax.softmax_cross_entropy_with_integer_labels(
-      stacked.astype(jnp.float32), labels[None])                  # [K+1, B]
+  per_example = _integer_label_cross_entropy(stacked.astype(jnp.float32),
+                                             labels)              # [K+1, B]
   return jnp.sum(per_example * w, axis=-1) / jnp.maximum(jnp.sum(w), 1.0)
+
+
+def _integer_label_cross_entropy(logits: Array, labels: Array) -> Array:
+  """``logsumexp_c(x_c) - x_y`` of ``[..., batch, classes]`` logits.
+
+  The same values and gradients as
+  ``optax.softmax_cross_entropy_with_integer_labels``, with the true-class
+  logit read by a one-hot select instead of a gather: no gather forward and
+  no scatter backward (``x_y + 0 + ... + 0 = x_y`` exactly).
+  """
+  is_label = labels[:, None] == jnp.arange(logits.shape[-1],
+                                           dtype=labels.dtype)
+  label_logits = jnp.sum(jnp.where(is_label, logits, 0.0), axis=-1)
+  return jax.nn.logsumexp(logits, axis=-1) - label_logits

@@ -58,36 +58,71 @@ def entropy(logits: Array) -> Array:
   return -jnp.sum(jnp.where(p > 0, p * logp, 0.0), axis=-1)
 
 
+def _row_sums(logits: Array, labels: Array, rows: Array,
+              in_batch: Array) -> Array:
+  """Batch sums of every :class:`ModalityStatistics` field, in one reduction.
+
+  ``logits``: ``[..., batch, classes]``; ``labels``: ``[batch]`` in
+  ``[0, C)``; ``rows``: ``[..., batch]`` bool, the rows that count;
+  ``in_batch``: ``[batch]`` bool, rows that count for ``num_nonfinite``.
+  With ``d = x - max_c x_c``, ``S = sum_c exp(d_c)``:
+
+  .. math::
+    \\log p_y = d_y - \\log S, \\qquad
+    H = \\log S - \\tfrac{1}{S}\\sum_c e^{d_c} d_c
+
+  (the entropy of ``softmax(x)``, exactly 0 for a saturated row), and the
+  prediction is the first index where ``d_c = 0`` (``argmax``). Every per-row
+  term is selected by ``rows`` with ``where`` (never multiplied), so a row
+  with a NaN or Inf contributes exact zeros. Returns ``[..., 8]`` sums in
+  the field order of :class:`ModalityStatistics`.
+  """
+  x = jax.lax.stop_gradient(logits).astype(jnp.float32)
+  num_classes = x.shape[-1]
+  finite = jnp.all(jnp.isfinite(x), axis=-1)
+  d = x - jnp.max(x, axis=-1, keepdims=True)
+  e = jnp.exp(d)
+  total = jnp.sum(e, axis=-1)
+  log_total = jnp.log(total)
+  classes = jnp.arange(num_classes, dtype=labels.dtype)
+  is_label = labels[:, None] == classes
+  true_logp = jnp.sum(jnp.where(is_label, d, 0.0), axis=-1) - log_total
+  first_max = jnp.min(jnp.where(d == 0.0, classes, num_classes), axis=-1)
+  terms = (
+      jnp.ones_like(total),                                   # count
+      log_total - jnp.sum(e * d, axis=-1) / total,            # entropy
+      jnp.exp(true_logp),                                     # p_y
+      jnp.exp(2.0 * true_logp),                               # p_y^2
+      jnp.sum(jnp.abs(x), axis=-1),                           # sum_c |x_c|
+      (first_max == labels).astype(jnp.float32),              # correct
+      -true_logp,                                             # CE
+  )
+  per_row = [jnp.where(rows, t, 0.0) for t in terms]
+  per_row.append((~finite & in_batch).astype(jnp.float32))   # num_nonfinite
+  return jnp.sum(jnp.stack(per_row, axis=-2), axis=-1)
+
+
+def _label_rows(labels: Array, num_classes: int, mask: Array | None
+                ) -> tuple[Array, Array]:
+  """(rows in the batch with a label in ``[0, C)``, labels clipped into it)."""
+  # Under jit labels are not checked: a label outside [0, C) drops its row.
+  in_batch = (labels >= 0) & (labels < num_classes)
+  if mask is not None:
+    in_batch = in_batch & jnp.asarray(mask, bool)
+  return in_batch, jnp.clip(labels, 0, num_classes - 1)
+
+
 def prediction_statistics(logits: Array, labels: Array,
                           mask: Array | None = None) -> ModalityStatistics:
   """Batch sums of one ``[batch, classes]`` prediction (see the module doc)."""
   if jnp.ndim(logits) != 2:
     raise ValueError(f"logits must have shape [batch, classes]; got shape "
                      f"{jnp.shape(logits)}.")
-  logits = jax.lax.stop_gradient(logits).astype(jnp.float32)
-  num_classes = jnp.shape(logits)[-1]
+  in_batch, labels = _label_rows(jnp.asarray(labels), jnp.shape(logits)[-1],
+                                 mask)
   finite = jnp.all(jnp.isfinite(logits), axis=-1)
-  # Under jit labels are not checked: a label outside [0, C) drops its row.
-  label_ok = (labels >= 0) & (labels < num_classes)
-  labels = jnp.clip(labels, 0, num_classes - 1)
-  in_batch = label_ok if mask is None else label_ok & mask.astype(bool)
-  weight = finite & in_batch
-  weight_f = weight.astype(jnp.float32)
-  # Replace non-finite rows by zeros before any arithmetic so that no NaN can
-  # leak into the sums (a NaN times zero weight is still NaN).
-  safe = jnp.where(weight[:, None], logits, 0.0)
-  logp = jax.nn.log_softmax(safe, axis=-1)
-  true_logp = jnp.take_along_axis(logp, labels[:, None], axis=-1)[:, 0]
-  return ModalityStatistics(
-      count=jnp.sum(weight_f),
-      entropy_sum=jnp.sum(weight_f * entropy(safe)),
-      true_prob_sum=jnp.sum(weight_f * jnp.exp(true_logp)),
-      true_prob_sq_sum=jnp.sum(weight_f * jnp.exp(2.0 * true_logp)),
-      abs_logit_sum=jnp.sum(weight_f * jnp.sum(jnp.abs(safe), axis=-1)),
-      correct=jnp.sum(weight_f * (jnp.argmax(safe, axis=-1) == labels)),
-      loss_sum=jnp.sum(weight_f * -true_logp),
-      num_nonfinite=jnp.sum((~finite & in_batch).astype(jnp.float32)),
-  )
+  sums = _row_sums(logits, labels, finite & in_batch, in_batch)
+  return ModalityStatistics(*(sums[i] for i in range(len(sums))))
 
 
 def modality_statistics(logits: Mapping[str, Array], labels: Array,
@@ -106,23 +141,15 @@ def modality_statistics(logits: Mapping[str, Array], labels: Array,
   names, batch, classes = _validation.check_logits(logits)
   _validation.check_labels(labels, batch, classes)
   _validation.check_mask(mask, batch)
-  # One batched computation over a [K, batch, classes] stack (few large ops
-  # rather than K small ones). A row with a non-finite logit in any modality
-  # is dropped from every modality, so that all sums (and ratios of sums)
-  # cover the same examples.
+  # One batched computation over a [K, batch, classes] stack, all fields
+  # summed by one reduction (few large ops rather than K * 8 small ones). A
+  # row with a non-finite logit in any modality is dropped from every
+  # modality, so that all sums (and ratios of sums) cover the same examples.
   stacked = jnp.stack([jnp.asarray(logits[m]) for m in names])
-  row_finite = jnp.all(jnp.isfinite(stacked), axis=-1)            # [K, B]
-  rows = jnp.all(row_finite, axis=0)
-  # Labels are checked above when concrete; under jit a row whose label is
-  # outside [0, C) is dropped here.
-  in_batch = (labels >= 0) & (labels < classes)
-  if mask is not None:
-    in_batch = in_batch & jnp.asarray(mask, bool)
-  stats = jax.vmap(prediction_statistics, in_axes=(0, None, None))(
-      stacked, labels, rows & in_batch)
-  stats = stats._replace(num_nonfinite=jnp.sum(
-      (~row_finite & in_batch).astype(jnp.float32), axis=-1))
-  return {m: jax.tree.map(lambda x, i=i: x[i], stats)
+  in_batch, labels = _label_rows(jnp.asarray(labels), classes, mask)
+  rows = jnp.all(jnp.isfinite(stacked), axis=(0, 2)) & in_batch
+  sums = _row_sums(stacked, labels, rows, in_batch)              # [K, 8]
+  return {m: ModalityStatistics(*(sums[i, j] for j in range(sums.shape[1])))
           for i, m in enumerate(names)}
 
 

@@ -37,7 +37,13 @@ def fused_and_unimodal_logits(
   module and classifier applied with every other modality's representation
   replaced by zeros. For concatenation ``f = W [z_0; z_1] + b``:
   ``p_0 = W [z_0; 0] + b`` and ``p_1 = W [0; z_1] + b`` (bias included).
-  Nothing here depends on the kind of fusion.
+
+  A linear additive head (``f = sum_m W_m z_m + b``: concat, sum and shared
+  fusion) says so by a method ``partial_logits(features) -> ({m: W_m z_m},
+  b)``; then ``p_m = W_m z_m + b`` and ``f = sum_m W_m z_m + b`` come from
+  one pass over the batch (:func:`logits_from_partial_sums`), the same
+  function up to float rounding of the sum, and ``row_independent`` is
+  irrelevant. Any other head (gated, FiLM, a closure) goes the generic way:
 
   With ``row_independent=True`` (default) the K + 1 inputs (real features,
   then each modality alone) are stacked along the batch axis and the head runs
@@ -49,7 +55,8 @@ def fused_and_unimodal_logits(
 
   Args:
     head_fn: maps ``{modality: features}`` to ``[batch, classes]`` logits
-      (a closure over the head's parameters, or a bound Flax submodule).
+      (a closure over the head's parameters, or a bound Flax submodule),
+      optionally with ``partial_logits`` (see above).
     features: ``{modality: features}`` (arrays with a leading batch axis),
       K >= 2.
     row_independent: see above.
@@ -58,6 +65,10 @@ def fused_and_unimodal_logits(
     ``(fused_logits, {modality: unimodal_logits})``.
   """
   names = _validation.modality_names(features, "features")
+  partial_logits = getattr(head_fn, "partial_logits", None)
+  if partial_logits is not None:
+    terms, bias = partial_logits(dict(features))
+    return logits_from_partial_sums(terms, bias)
   if not row_independent:
     fused = head_fn(dict(features))
     unimodal = {m: head_fn(zero_other_modalities(features, m)) for m in names}
@@ -77,3 +88,26 @@ def fused_and_unimodal_logits(
   logits = head_fn(stacked)
   logits = logits.reshape((variants, -1) + logits.shape[1:])
   return logits[0], {m: logits[i + 1] for i, m in enumerate(names)}
+
+
+def logits_from_partial_sums(terms: Mapping[str, Array], bias: Array
+                             ) -> tuple[Array, dict[str, Array]]:
+  """Fused and unimodal logits of a linear additive head from its terms.
+
+  .. math::
+    p_f = \\sum_m t_m + b, \\qquad p_m = t_m + b, \\qquad t_m = W_m z_m
+
+  ``terms`` are ``{modality: [batch, classes]}`` and ``bias`` is
+  ``[classes]``. The terms are stacked once (``[K, batch, classes]``), so
+  the fused sum is one reduction and the unimodal logits are slices of one
+  array; ``p_m`` reads ``t_m`` only (a NaN elsewhere cannot reach it). The
+  sum is accumulated in at least float32 and returned in the terms' dtype.
+  """
+  names = _validation.modality_names(terms, "partial logits")
+  stacked = jnp.stack([terms[m] for m in names])
+  dtype = stacked.dtype
+  acc = jnp.promote_types(dtype, jnp.float32)
+  bias = jnp.asarray(bias)
+  fused = (jnp.sum(stacked.astype(acc), axis=0) + bias.astype(acc)).astype(dtype)
+  unimodal = stacked + bias.astype(dtype)
+  return fused, {m: unimodal[i] for i, m in enumerate(names)}

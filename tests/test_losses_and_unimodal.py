@@ -63,3 +63,36 @@ def test_bundled_model_unimodal_logits_equal_zeroed_features():
     np.testing.assert_allclose(uni[m], z @ w[6 * i:6 * (i + 1)] + b, rtol=1e-5,
                                atol=1e-6)
   assert fused.shape == (5, 4)
+
+
+@pytest.mark.parametrize("names", [("a", "b"), ("a", "b", "c")])
+def test_logits_from_partial_sums_match_numpy(names):
+  from arl_jax.unimodal import logits_from_partial_sums
+  rng = np.random.default_rng(len(names))
+  terms = {m: rng.normal(size=(5, 4)).astype(np.float32) for m in names}
+  bias = rng.normal(size=4).astype(np.float32)
+  fused, uni = logits_from_partial_sums(terms, bias)
+  t64 = {m: terms[m].astype(np.float64) for m in names}
+  np.testing.assert_allclose(fused, sum(t64.values()) + bias, rtol=1e-6,
+                             atol=1e-6)
+  for m in names:
+    np.testing.assert_allclose(uni[m], t64[m] + bias, rtol=1e-6, atol=1e-6)
+  # Low-precision terms: summed in float32, returned in their dtype.
+  fused16, uni16 = logits_from_partial_sums(
+      {m: t.astype(jnp.bfloat16) for m, t in terms.items()}, bias)
+  assert fused16.dtype == jnp.bfloat16 and uni16["a"].dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(fused16, np.float32),
+                             sum(t64.values()) + bias, rtol=3e-2, atol=3e-2)
+
+
+@pytest.mark.parametrize("fusion", ["concat", "sum", "shared"])
+def test_nan_input_of_one_modality_stays_there_in_the_model(fusion):
+  names = ("a", "b", "c")
+  model = models.multiview_classifier({m: 3 for m in names}, 4,
+                                      encoder_widths=(5,), fusion=fusion)
+  x = {m: np.ones((2, 3), np.float32) for m in names}
+  params, _ = models.init_model(model, jax.random.PRNGKey(0), x)
+  x["b"] = np.full((2, 3), np.nan, np.float32)
+  fused, uni = jax.jit(lambda p, x: model.apply({"params": p}, x))(params, x)
+  assert np.all(np.isnan(uni["b"])) and np.all(np.isnan(fused))
+  assert np.all(np.isfinite(uni["a"])) and np.all(np.isfinite(uni["c"]))

@@ -56,11 +56,11 @@ def test_wrong_input_shapes_fail_before_compilation(shape, match):
     jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x), x)
 
 
-@pytest.mark.parametrize("fusion", ["concat", "sum", "gated", "film"])
+@pytest.mark.parametrize("fusion", ["concat", "sum", "shared", "gated", "film"])
 @pytest.mark.parametrize("names", [("a", "b"), ("a", "b", "c")])
 def test_unimodal_logits_are_the_head_on_zeroed_features(fusion, names):
   dims = {m: 3 + i for i, m in enumerate(names)}
-  kwargs = {} if fusion in ("concat", "sum") else {"hidden": 8}
+  kwargs = {} if fusion in ("concat", "sum", "shared") else {"hidden": 8}
   model = models.multiview_classifier(dims, 5, encoder_widths=(7,), fusion=fusion,
                                       **kwargs)
   rng = np.random.default_rng(0)
@@ -79,6 +79,106 @@ def test_unimodal_logits_are_the_head_on_zeroed_features(fusion, names):
         atol=1e-6)
     assert not np.allclose(uni[m], fused)
   assert set(params) == set(names) | {"head"}
+
+
+def _head_blocks(fusion, params, widths):
+  """float64 ``({m: W_m}, b)`` of an additive head, read from its parameters."""
+  names = list(widths)
+  if fusion == "concat":
+    kernel = np.asarray(params["classifier"]["kernel"], np.float64)
+    starts = np.cumsum([0] + [widths[m] for m in names])
+    blocks = {m: kernel[starts[i]:starts[i + 1]] for i, m in enumerate(names)}
+    return blocks, np.asarray(params["classifier"]["bias"], np.float64)
+  if fusion == "sum":
+    return ({m: np.asarray(params[f"{m}_classifier"]["kernel"], np.float64)
+             for m in names}, np.asarray(params["bias"], np.float64))
+  kernel = np.asarray(params["classifier"]["kernel"], np.float64)
+  return ({m: kernel for m in names},
+          np.asarray(params["classifier"]["bias"], np.float64))
+
+
+@pytest.mark.parametrize("fusion", ["concat", "sum", "shared"])
+@pytest.mark.parametrize("widths", [
+    {"a": 5, "b": 5}, {"a": 5, "b": 5, "c": 5},           # one batched matmul
+    {"b": 3, "a": 6}, {"a": 4, "c": 7, "b": 2}])           # one per modality
+def test_partial_sum_path_equals_stacked_path_and_numpy(fusion, widths):
+  if fusion == "shared" and len(set(widths.values())) > 1:
+    pytest.skip("the shared head needs equal widths (tested below)")
+  names = tuple(widths)
+  head = models.make_fusion(fusion, 4, names)
+  rng = np.random.default_rng(len(names))
+  feats = {m: rng.normal(size=(6, w)).astype(np.float32)
+           for m, w in widths.items()}
+  variables = head.init(jax.random.PRNGKey(0), feats)
+  # Non-zero bias, so that the bias's place in each unimodal logit is tested.
+  variables = jax.tree.map(
+      lambda x: x + 0.1 * rng.normal(size=x.shape).astype(np.float32),
+      variables)
+  bound = head.bind(variables)
+  assert hasattr(bound, "partial_logits")
+  fused, uni = arl_jax.fused_and_unimodal_logits(bound, feats)
+  # The generic path: a closure (no partial_logits), K + 1 stacked row blocks.
+  g_fused, g_uni = arl_jax.fused_and_unimodal_logits(
+      lambda f: head.apply(variables, f), feats)
+  np.testing.assert_allclose(fused, g_fused, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(fused, head.apply(variables, feats), rtol=1e-5,
+                             atol=1e-5)
+  blocks, bias = _head_blocks(fusion, variables["params"], widths)
+  z = {m: feats[m].astype(np.float64) for m in names}
+  want = {m: z[m] @ blocks[m] + bias for m in names}
+  np.testing.assert_allclose(fused, sum(z[m] @ blocks[m] for m in names) + bias,
+                             rtol=1e-5, atol=1e-5)
+  assert set(uni) == set(names)
+  for m in names:
+    np.testing.assert_allclose(uni[m], g_uni[m], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(uni[m], want[m], rtol=1e-5, atol=1e-5)
+  # Jitted, inside a model (init included): the same numbers.
+  model = models.multiview_classifier(
+      {m: 3 for m in names}, 4, encoder_widths=(5,), fusion=fusion)
+  x = {m: rng.normal(size=(6, 3)).astype(np.float32) for m in names}
+  params, _ = models.init_model(model, jax.random.PRNGKey(1), x)
+  j_fused, j_uni = jax.jit(lambda p, x: model.apply({"params": p}, x))(params,
+                                                                        x)
+  enc = {m: models.MLPEncoder((5,)).apply({"params": params[m]}, x[m])
+         for m in names}
+  h_fused, h_uni = arl_jax.fused_and_unimodal_logits(
+      lambda f: model.head.apply({"params": params["head"]}, f), enc)
+  np.testing.assert_allclose(j_fused, h_fused, rtol=1e-5, atol=1e-5)
+  for m in names:
+    np.testing.assert_allclose(j_uni[m], h_uni[m], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("fusion", ["concat", "sum", "shared"])
+@pytest.mark.parametrize("names", [("a", "b"), ("a", "b", "c")])
+def test_partial_sum_path_keeps_nan_in_its_modality(fusion, names):
+  head = models.make_fusion(fusion, 3, names)
+  feats = {m: jnp.ones((2, 4)) * (i + 1) for i, m in enumerate(names)}
+  variables = head.init(jax.random.PRNGKey(0), feats)
+  feats = dict(feats, a=jnp.full((2, 4), jnp.nan))
+  fused, uni = jax.jit(lambda f: arl_jax.fused_and_unimodal_logits(
+      head.bind(variables), f))(feats)
+  assert np.all(np.isnan(uni["a"])) and np.all(np.isnan(fused))
+  for m in names[1:]:
+    assert np.all(np.isfinite(uni[m])), m
+
+
+def test_shared_head_is_one_classifier_and_needs_equal_widths():
+  names = ("audio", "text", "visual")
+  head = models.make_fusion("shared", 5, names)
+  assert isinstance(head, models.fusion.SharedFusion)
+  feats = {m: jnp.ones((2, 8)) for m in names}
+  params = head.init(jax.random.PRNGKey(0), feats)["params"]
+  assert jax.tree.map(jnp.shape, params) == {
+      "classifier": {"kernel": (8, 5), "bias": (5,)}}
+  bad = dict(feats, text=jnp.ones((2, 6)))
+  match = r"'audio': 8, 'text': 6, 'visual': 8"
+  with pytest.raises(ValueError, match=match):
+    head.init(jax.random.PRNGKey(0), bad)
+  with pytest.raises(ValueError, match=match):
+    arl_jax.fused_and_unimodal_logits(head.bind({"params": params}), bad)
+  model = models.multiview_classifier({"a": 3, "b": 4}, 5,
+                                      encoder_widths=(6,), fusion="shared")
+  assert isinstance(model.head, models.fusion.SharedFusion)
 
 
 def _small_av_model(dtype):

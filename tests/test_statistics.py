@@ -82,3 +82,48 @@ def test_statistics_carry_no_gradient():
 
   g = jax.grad(f)(jnp.asarray(logits["a"]))
   np.testing.assert_array_equal(g, 0.0)
+
+
+def _numpy_statistics(z, y, rows):
+  """float64 oracle of every ModalityStatistics field over ``rows``."""
+  z, y = np.asarray(z, np.float64)[rows], np.asarray(y)[rows]
+  logp = ref.log_softmax(z)
+  p_y = np.exp(logp[np.arange(len(y)), y])
+  return {"count": len(y), "entropy_sum": ref.entropy(z).sum(),
+          "true_prob_sum": p_y.sum(), "true_prob_sq_sum": (p_y ** 2).sum(),
+          "abs_logit_sum": np.abs(z).sum(),
+          "correct": (np.argmax(z, -1) == y).sum(),
+          "loss_sum": -logp[np.arange(len(y)), y].sum()}
+
+
+@pytest.mark.parametrize("names", [("a", "b"), ("a", "b", "c")])
+def test_every_field_matches_numpy_with_ties_mask_and_nonfinite_rows(names):
+  rng = np.random.default_rng(len(names))
+  batch, classes = 12, 4
+  logits = _logits(rng, names, batch, classes, scale=3.0)
+  logits[names[0]][0] = 0.0                    # all classes tie: argmax is 0
+  logits[names[1]][1] = [1.0, 2.0, 2.0, 0.0]   # tie between 1 and 2: it is 1
+  logits[names[1]][2] = [1e4, 0.0, -1e4, 5.0]  # saturated
+  labels = rng.integers(0, classes, size=batch).astype(np.int32)
+  labels[:3] = [0, 2, 0]
+  mask = np.arange(batch) < 10
+  logits[names[-1]][4, 3] = np.nan             # drops row 4 everywhere
+  logits[names[0]][5, 0] = -np.inf            # drops row 5 everywhere
+  logits[names[0]][11, 1] = np.inf             # outside the mask
+  rows = mask & (np.arange(batch) != 4) & (np.arange(batch) != 5)
+  for fn in (arl_jax.modality_statistics, jax.jit(arl_jax.modality_statistics)):
+    stats = fn(logits, labels, mask)
+    for m in names:
+      want = _numpy_statistics(logits[m], labels, rows)
+      for field, value in want.items():
+        np.testing.assert_allclose(getattr(stats[m], field), value, rtol=2e-5,
+                                   atol=1e-5, err_msg=f"{m}.{field}")
+    assert [float(stats[m].num_nonfinite) for m in names] == (
+        [1.0, 0.0, 1.0] if len(names) == 3 else [1.0, 1.0])
+  fused = logits[names[0]]
+  single = arl_jax.prediction_statistics(fused, labels, mask)
+  keep = mask & np.all(np.isfinite(fused), -1)
+  for field, value in _numpy_statistics(fused, labels, keep).items():
+    np.testing.assert_allclose(getattr(single, field), value, rtol=2e-5,
+                               atol=1e-5, err_msg=field)
+  assert float(single.num_nonfinite) == 1.0
