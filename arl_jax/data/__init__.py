@@ -12,6 +12,7 @@
   :class:`FrameAugmentation`: their crop/flip/resize on the accelerator.
 """
 
+from arl_jax.data.av_datasets import AV_DATA_SETS
 from arl_jax.data.av_datasets import DataError
 from arl_jax.data.av_datasets import frame_canvas
 from arl_jax.data.av_datasets import load_prepared
@@ -28,6 +29,7 @@ from arl_jax.data.uci_multifeature import MultiViewData
 from arl_jax.data.uci_multifeature import load_uci_multifeature
 
 __all__ = [
+    "AV_DATA_SETS",
     "DataError",
     "IMBALANCE_SETTINGS",
     "ModalitySpec",

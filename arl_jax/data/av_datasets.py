@@ -46,6 +46,9 @@ class DataError(ValueError):
   """Bad input data; the message names the file and the problem."""
 
 
+# The data sets :func:`prepare` builds (its ``name``; ``BUILDERS``' keys).
+AV_DATA_SETS = ("crema_d", "kinetics_sounds", "ave")
+
 CREMA_D_CLASSES = ("NEU", "HAP", "SAD", "FEA", "DIS", "ANG")
 AVE_CLASSES = (
     "Church bell", "Male speech, man speaking", "Bark",
@@ -428,7 +431,7 @@ if tfds is not None:
         out[split] = clips
       return out
 
-  BUILDERS = {"crema_d": CremaD, "kinetics_sounds": KineticsSounds, "ave": AVE}
+  BUILDERS = dict(zip(AV_DATA_SETS, (CremaD, KineticsSounds, AVE)))
 else:  # pragma: no cover
   BUILDERS = {}
 
