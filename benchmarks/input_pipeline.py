@@ -109,7 +109,7 @@ def run_style(tmp: pathlib.Path, style: str, args) -> dict:
   jpeg_kb = statistics.median(
       p.stat().st_size for p in (root / "Image-01-FPS").rglob("*.jpg")) / 1e3
   clips = [tuple(l.split(",")) for l in (root / "train.csv").read_text().split()]
-  names = data.av_datasets.CREMA_D_CLASSES
+  names = data.layouts.CREMA_D_CLASSES
   clips = [(c, names.index(l)) for c, l in clips]
 
   start = time.perf_counter()

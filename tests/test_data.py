@@ -9,9 +9,10 @@ import pytest
 
 from arl_jax import data
 from arl_jax.data import audio
-from arl_jax.data import av_datasets
 from arl_jax.data import av_pipeline
 from arl_jax.data import fixtures
+from arl_jax.data import layouts
+from arl_jax.data import prepared
 from arl_jax.data import uci_multifeature
 
 
@@ -157,7 +158,7 @@ def test_crema_d_prepared_splits_shapes_and_labels(crema):
   decoded = data.load_prepared(builder.data_dir, decode_frames=True)["train"][0]
   assert decoded["frames"][0].dtype == np.uint8 and decoded["frames"][0].ndim == 3
   names = builder.info.features["label"].names
-  assert names == list(av_datasets.CREMA_D_CLASSES)
+  assert names == list(layouts.CREMA_D_CLASSES)
   for split in ("train", "test"):
     for i in range(len(src[split])):
       e = src[split][i]
@@ -220,7 +221,7 @@ def test_prepared_source_reads_what_tfds_decodes(crema):
   import tensorflow_datasets as tfds
   from PIL import Image
   _, builder, src = crema
-  assert isinstance(src["train"], av_datasets.PreparedSource)
+  assert isinstance(src["train"], prepared.PreparedSource)
   reference = tfds.builder_from_directory(str(builder.data_dir)).as_data_source()
   for split in ("train", "test"):
     assert len(src[split]) == len(reference[split])
@@ -241,10 +242,10 @@ def test_records_are_stored_uncompressed_and_frames_measured(crema, tmp_path):
   from array_record.python import array_record_module as ar
   root, builder, src = crema
   path = pathlib.Path(builder.data_dir)
-  assert (path / av_datasets._UNCOMPRESSED_MARK).exists()
+  assert (path / prepared._UNCOMPRESSED_MARK).exists()
   shard = next(path.glob("*train.array_record*"))
   before = shard.read_bytes()
-  av_datasets.store_uncompressed(path)           # a no-op the second time
+  prepared.store_uncompressed(path)           # a no-op the second time
   assert shard.read_bytes() == before
   # Uncompressed: the spectrogram bytes appear verbatim in the file.
   assert src["train"][0]["audio"].tobytes()[:4096] in before
@@ -379,7 +380,7 @@ def test_bad_clips_are_named_or_skipped_and_reported(tmp_path, damage, match):
     path.write_text(path.read_text().replace(f"{clip},NEU", f"{clip},CALM"))
   with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
-    with pytest.raises(av_datasets.DataError, match=match):
+    with pytest.raises(data.DataError, match=match):
       data.prepare("crema_d", root, tmp_path / "strict")
     b = data.prepare("crema_d", root, tmp_path / "lenient", skip_invalid=True)
   # One clear message naming the file, no library warning that names none.
@@ -394,7 +395,7 @@ def test_bad_clips_are_named_or_skipped_and_reported(tmp_path, damage, match):
   if damage == "bad_label":     # a wrong label list is not a few bad clips
     path = root / listed
     path.write_text(re.sub(r",\w+$", ",CALM", path.read_text(), flags=re.M))
-    with pytest.raises(av_datasets.DataError,
+    with pytest.raises(data.DataError,
                        match=r"no clip of split '\w+' has a known label"):
       data.prepare("crema_d", root, tmp_path / "wrong", skip_invalid=True)
 
@@ -413,7 +414,7 @@ def test_folder_without_the_layout_says_what_it_needs(tmp_path, capfd, name,
   for extra in (None, "videos"):     # empty, then a folder of something else
     if extra:
       (root / extra).mkdir()
-    with pytest.raises(av_datasets.DataError) as e:
+    with pytest.raises(data.DataError) as e:
       data.prepare(name, root, tmp_path / "p")
     message = str(e.value)
     assert message.startswith(f"data root {root} does not have the {title} "
@@ -421,7 +422,7 @@ def test_folder_without_the_layout_says_what_it_needs(tmp_path, capfd, name,
     assert all(f"\n  {n}" in message for n in needs)   # one line each
     assert "Downloading" not in capfd.readouterr().out    # before TFDS starts
   (root / needs[0]).mkdir()            # a partial copy: only the rest missing
-  with pytest.raises(av_datasets.DataError,
+  with pytest.raises(data.DataError,
                      match=f"layout: missing {', '.join(needs[1:])}."):
     data.prepare(name, root, tmp_path / "p")
 
@@ -467,9 +468,9 @@ def test_damaged_prepared_file_is_named(crema, tmp_path):
 
 
 def test_missing_root_and_unprepared_dir(tmp_path):
-  with pytest.raises(av_datasets.DataError, match="does not exist"):
+  with pytest.raises(data.DataError, match="does not exist"):
     data.prepare("crema_d", tmp_path / "nowhere", tmp_path / "p")
-  with pytest.raises(av_datasets.DataError, match="not a prepared data set"):
+  with pytest.raises(data.DataError, match="not a prepared data set"):
     data.load_prepared(tmp_path)
   with pytest.raises(ValueError, match="unknown data set"):
     data.prepare("audioset", tmp_path, tmp_path / "p")

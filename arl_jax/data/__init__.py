@@ -10,16 +10,22 @@
   for CREMA-D, Kinetics-Sounds and AVE from local files, and their grain
   pipeline (``tensorflow-datasets``, ``grain``: the ``data`` extra);
   :class:`FrameAugmentation`: their crop/flip/resize on the accelerator.
+
+Modules: ``layouts`` (what a local copy holds), ``builders`` (the TFDS
+builders, :func:`prepare`), ``prepared`` (the storage format and its reader,
+:func:`load_prepared`), ``av_pipeline`` (batches), ``device_augment``,
+``batching`` (in-memory batches, the padded last batch), ``splits``
+(stratified splits), ``synthetic``, ``uci_multifeature``, ``audio``.
 """
 
-from arl_jax.data.av_datasets import AV_DATA_SETS
-from arl_jax.data.av_datasets import DataError
-from arl_jax.data.av_datasets import frame_canvas
-from arl_jax.data.av_datasets import load_prepared
-from arl_jax.data.av_datasets import prepare
 from arl_jax.data.av_pipeline import batches as av_batches
 from arl_jax.data.batching import iterate_batches
+from arl_jax.data.builders import prepare
 from arl_jax.data.device_augment import FrameAugmentation
+from arl_jax.data.layouts import AV_DATA_SETS
+from arl_jax.data.layouts import DataError
+from arl_jax.data.prepared import frame_canvas
+from arl_jax.data.prepared import load_prepared
 from arl_jax.data.synthetic import IMBALANCE_SETTINGS
 from arl_jax.data.synthetic import ModalitySpec
 from arl_jax.data.synthetic import SyntheticProblem

@@ -31,7 +31,7 @@ torchvision transforms do per sample on the host:
   preset of ``benchmarks.step`` measures it.
 
 Evaluation resizes the whole frame to ``n x n`` with the same filter, as the
-host :class:`arl_jax.data.av_pipeline.EvalTransform` does.
+host :class:`arl_jax.data.av_pipeline.HostAugmentation` does.
 """
 
 from __future__ import annotations

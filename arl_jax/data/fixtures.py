@@ -15,8 +15,8 @@ import pathlib
 
 import numpy as np
 
-from arl_jax.data.av_datasets import AVE_CLASSES
-from arl_jax.data.av_datasets import CREMA_D_CLASSES
+from arl_jax.data.layouts import AVE_CLASSES
+from arl_jax.data.layouts import CREMA_D_CLASSES
 
 
 def write_wav(path: pathlib.Path, seconds: float, label: int, rng,
