@@ -10,10 +10,10 @@ import pytest
 from arl_jax import data
 from arl_jax.data import audio
 from arl_jax.data import av_pipeline
-from arl_jax.data import fixtures
 from arl_jax.data import layouts
 from arl_jax.data import prepared
 from arl_jax.data import uci_multifeature
+from benchmarks import fake_data
 
 
 @pytest.fixture(autouse=True)
@@ -104,7 +104,7 @@ def test_log_spectrogram_shape_and_closed_form():
 
 
 def test_wav_to_spectrogram_resamples_and_fills(tmp_path):
-  fixtures.write_wav(tmp_path / "a.wav", 1.2, 2, np.random.default_rng(0))
+  fake_data.write_wav(tmp_path / "a.wav", 1.2, 2, np.random.default_rng(0))
   spec = audio.wav_to_spectrogram(tmp_path / "a.wav")
   assert spec.shape == (257, 188) and spec.dtype == np.float32
   assert np.all(np.isfinite(spec))
@@ -116,7 +116,7 @@ def test_wav_to_spectrogram_resamples_and_fills(tmp_path):
 def test_wav_cut_short_is_an_error_naming_the_file(tmp_path):
   from scipy.io import wavfile
   full = tmp_path / "full.wav"
-  fixtures.write_wav(full, 0.5, 1, np.random.default_rng(0))   # 8000 samples
+  fake_data.write_wav(full, 0.5, 1, np.random.default_rng(0))   # 8000 samples
   wavfile.write(tmp_path / "stereo.wav", 8000, np.zeros((101, 2), np.float32))
   for name, declared in (("full.wav", 8000), ("stereo.wav", 101)):
     whole = (tmp_path / name).read_bytes()
@@ -138,7 +138,7 @@ def test_wav_cut_short_is_an_error_naming_the_file(tmp_path):
 @pytest.fixture(scope="module")
 def crema(tmp_path_factory):
   tmp = tmp_path_factory.mktemp("crema")
-  root = fixtures.write_fake_crema_d(tmp / "raw")
+  root = fake_data.write_fake_crema_d(tmp / "raw")
   builder = data.prepare("crema_d", root, tmp / "prepared")
   return root, builder, data.load_prepared(builder.data_dir)
 
@@ -317,7 +317,7 @@ def test_device_pipeline_decodes_into_the_canvas(crema):
 
 
 def test_crema_d_actor_disjoint_split(tmp_path):
-  root = fixtures.write_fake_crema_d(tmp_path / "raw",
+  root = fake_data.write_fake_crema_d(tmp_path / "raw",
                                      actors=tuple(range(1001, 1011)),
                                      sentences=("DFA",), frames=1)
   b = data.prepare("crema_d", root, tmp_path / "p", config="actor_disjoint")
@@ -332,7 +332,7 @@ def test_crema_d_actor_disjoint_split(tmp_path):
 
 
 def test_kinetics_sounds_and_ave_layouts(tmp_path):
-  ks = data.prepare("kinetics_sounds", fixtures.write_fake_kinetics_sounds(
+  ks = data.prepare("kinetics_sounds", fake_data.write_fake_kinetics_sounds(
       tmp_path / "ks"), tmp_path / "p")
   src = data.load_prepared(ks.data_dir)
   assert {k: len(v) for k, v in src.items()} == {"train": 9, "validation": 3,
@@ -341,7 +341,7 @@ def test_kinetics_sounds_and_ave_layouts(tmp_path):
   batch = next(iter(av_pipeline.batches(src["train"], batch_size=4, train=True,
                                         num_frames=3)))
   assert batch["inputs"]["visual"].shape == (4, 3, 224, 224, 3)
-  ave = data.prepare("ave", fixtures.write_fake_ave(tmp_path / "ave"),
+  ave = data.prepare("ave", fake_data.write_fake_ave(tmp_path / "ave"),
                      tmp_path / "p")
   src = data.load_prepared(ave.data_dir)
   assert {k: len(v) for k, v in src.items()} == {"train": 12, "validation": 3,
@@ -360,7 +360,7 @@ def test_kinetics_sounds_and_ave_layouts(tmp_path):
                   r"has unknown label 'CALM'"),
 ])
 def test_bad_clips_are_named_or_skipped_and_reported(tmp_path, damage, match):
-  root = fixtures.write_fake_crema_d(tmp_path / "raw", sentences=("DFA",),
+  root = fake_data.write_fake_crema_d(tmp_path / "raw", sentences=("DFA",),
                                      frames=1, seconds=0.5)
   clip = "1001_DFA_NEU_XX"
   listed = "train.csv" if clip in (root / "train.csv").read_text() else "test.csv"

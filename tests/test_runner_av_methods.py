@@ -19,7 +19,7 @@ import pytest
 import arl_jax
 from arl_jax import data as data_lib
 from arl_jax import models
-from arl_jax.data import fixtures
+from benchmarks import fake_data
 from experiments import configs
 from experiments import train
 from experiments.configs import ave
@@ -31,7 +31,7 @@ from experiments.configs import synthetic
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
   tmp = tmp_path_factory.mktemp("av")
-  root = fixtures.write_fake_crema_d(tmp / "raw", actors=(1001, 1002),
+  root = fake_data.write_fake_crema_d(tmp / "raw", actors=(1001, 1002),
                                      sentences=("DFA",), frames=1, seconds=0.5,
                                      test_fraction=0.35)
   builder = data_lib.prepare("crema_d", root, tmp / "prepared")
