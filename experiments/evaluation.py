@@ -157,14 +157,14 @@ def save_predictions(workdir: pathlib.Path, val: dict, test: dict) -> None:
 
 
 def split_features(feature_fn, host_state, data: Data, split: str,
-                   chunk: int = 1024, *, eval_transform=None):
+                   chunk: int = 1024, *, eval_preprocess=None):
   """``({modality: features}, labels)`` of every row of ``split``, in
   evaluation mode: ``"train"`` or ``"validation"``, never the test split.
 
   In-memory sources: the split's arrays, ``chunk`` rows at a time.
   Audio-visual sources: the split's evaluation batches (``"train"``:
-  ``data.train_eval``, no augmentation), each through ``eval_transform``
-  (``data.eval_transform``, jitted) where given, padding rows dropped.
+  ``data.train_eval``, no augmentation), each through ``eval_preprocess``
+  (``data.eval_preprocess``, jitted) where given, padding rows dropped.
   """
   if split not in ("train", "validation"):
     raise ValueError(f"an epoch hook reads the 'train' or 'validation' split, "
@@ -178,8 +178,8 @@ def split_features(feature_fn, host_state, data: Data, split: str,
   batches = data.train_eval if split == "train" else data.evaluate[split]
   parts, labels = [], []
   for batch in batches():
-    inputs = (batch if eval_transform is None
-              else eval_transform(batch))["inputs"]
+    inputs = (batch if eval_preprocess is None
+              else eval_preprocess(batch))["inputs"]
     keep = np.asarray(batch["mask"], bool)
     feats = jax.device_get(feature_fn(host_state, inputs))
     parts.append({m: np.asarray(v)[keep] for m, v in feats.items()})

@@ -36,9 +36,10 @@ class Data:
   steps_per_epoch: int
   train_rows: int
   extra: dict
-  # Traced into the jitted steps: (batch, rng) -> batch and batch -> batch.
-  train_transform: Callable | None = None
-  eval_transform: Callable | None = None
+  # Traced into the jitted steps first (their ``preprocess``): (batch, rng)
+  # -> batch and batch -> batch (the device augmentation).
+  train_preprocess: Callable | None = None
+  eval_preprocess: Callable | None = None
   # In-memory sources: the arrays (linear probes) and the held-out slice of
   # the training rows (never trained on; ARL's held-out estimators and the
   # fusion weights read it).
@@ -86,9 +87,10 @@ def load_data(config, workdir: pathlib.Path, *, attach_heldout: bool = False,
     extra = {}
     if c.source in ("synthetic", "imbalanced"):
       if c.source == "synthetic":
-        problem = data_lib.make_linear_gaussian(
-            dict(c.noise), num_classes=c.num_classes, dim=c.dim,
-            sizes=tuple(c.sizes), seed=c.split_seed, nonlinear=c.nonlinear)
+        make = (data_lib.make_nonlinear_gaussian if c.nonlinear
+                else data_lib.make_linear_gaussian)
+        problem = make(dict(c.noise), num_classes=c.num_classes, dim=c.dim,
+                       sizes=tuple(c.sizes), seed=c.split_seed)
       else:
         problem = _imbalanced(c.setting, c.num_classes, tuple(c.sizes),
                               c.split_seed)
@@ -166,8 +168,8 @@ def load_data(config, workdir: pathlib.Path, *, attach_heldout: bool = False,
       steps_per_epoch=len(src["train"]) // config.batch_size,
       train_rows=len(src["train"]),
       extra={"augment": augment},
-      train_transform=aug.train if on_device else None,
-      eval_transform=aug.eval if on_device else None,
+      train_preprocess=aug.train if on_device else None,
+      eval_preprocess=aug.eval if on_device else None,
       sharded_by_process=bool(shards),
       train_eval=functools.partial(av, src["train"],
                                    batch_size=config.eval_batch_size,

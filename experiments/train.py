@@ -258,7 +258,7 @@ def _fit_copy(state, keep, epochs, *, apply_fn, tx, data: Data, config,
   the fused logits with inputs outside ``keep`` zeroed; returns per
   copy-epoch sums of per-batch mean training and validation losses.
   Reads ``data.train`` and the validation batches (with the data's device
-  transforms, if any; every row in this process: one process only for a
+  augmentation, if any; every row in this process: one process only for a
   source sharded by process). ``compiled`` keeps each ``keep``'s jitted
   steps for the next call."""
   keep = tuple(keep)
@@ -269,9 +269,9 @@ def _fit_copy(state, keep, epochs, *, apply_fn, tx, data: Data, config,
     compiled[keep] = (
         jax.jit(arl_jax.make_train_step(
             zeroed, tx, arl_jax.Method(), check_tx=False,
-            batch_transform=data.train_transform)),
+            preprocess=data.train_preprocess)),
         jax.jit(arl_jax.make_eval_step(zeroed,
-                                       batch_transform=data.eval_transform)))
+                                       preprocess=data.eval_preprocess)))
   step, evaluate_fn = compiled[keep]
   copy = state.replace(opt_state=tx.init(state.params))
   train_sums, val_sums = [], []
@@ -345,10 +345,10 @@ def _train_locked(config, workdir: pathlib.Path, topology,
   train_step = topology.train_step(lambda axis_name: arl_jax.make_train_step(
       apply_fn, tx, method,
       warmup_steps=config.warmup_epochs * data.steps_per_epoch,
-      batch_transform=data.train_transform,
+      preprocess=data.train_preprocess,
       check_tx=config.optim.check_scales, axis_name=axis_name))
   run_eval = topology.eval_step(make_step=lambda axis_name: (
-      arl_jax.make_eval_step(apply_fn, batch_transform=data.eval_transform,
+      arl_jax.make_eval_step(apply_fn, preprocess=data.eval_preprocess,
                              method=method, axis_name=axis_name)))
   local = (lambda b: b) if data.sharded_by_process else topology.local_part
   eval_step = lambda st, batch, **kw: run_eval(st, local(batch), **kw)
@@ -361,14 +361,14 @@ def _train_locked(config, workdir: pathlib.Path, topology,
   features = feature_fn if config.diagnostics.linear_probe else None
   fit_copy = functools.partial(_fit_copy, apply_fn=apply_fn, tx=tx,
                                data=data, config=config, compiled={})
-  hook_transform = (jax.jit(data.eval_transform) if data.eval_transform
-                    else None)
+  hook_preprocess = (jax.jit(data.eval_preprocess) if data.eval_preprocess
+                     else None)
 
   def epoch_context(host_state):
     return arl_jax.EpochContext(
         modalities=data.modalities, num_classes=data.num_classes,
         features=functools.partial(_split_features, feature_fn, host_state,
-                                   data, eval_transform=hook_transform),
+                                   data, eval_preprocess=hook_preprocess),
         seed=config.seed, fit_copy=fit_copy)
 
   if method.has_epoch_hook:

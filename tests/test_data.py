@@ -24,10 +24,11 @@ def _tmpdir_env(tmp_path, monkeypatch):
 
 # ------------------------------------------------------------- synthetic --
 
-@pytest.mark.parametrize("nonlinear", [False, True])
-def test_synthetic_problem_has_known_optimum(nonlinear):
-  p = data.make_linear_gaussian({"a": 0.7, "b": 1.5, "c": 3.0}, num_classes=5,
-                                dim=6, sizes=(100, 50, 4000), nonlinear=nonlinear)
+@pytest.mark.parametrize("make", [data.make_linear_gaussian,
+                                  data.make_nonlinear_gaussian])
+def test_synthetic_problem_has_known_optimum(make):
+  p = make({"a": 0.7, "b": 1.5, "c": 3.0}, num_classes=5, dim=6,
+           sizes=(100, 50, 4000))
   x, y = p.splits["test"]
   assert {m: v.shape for m, v in x.items()} == {m: (4000, 6) for m in "abc"}
   assert x["a"].dtype == np.float32 and y.dtype == np.int32
@@ -37,10 +38,23 @@ def test_synthetic_problem_has_known_optimum(nonlinear):
   assert w["a"] / w["b"] == pytest.approx((1.5 / 0.7) ** 2)
   assert sum(w.values()) == pytest.approx(1.0)
   # The same seed gives the same data and the same optimum.
-  q = data.make_linear_gaussian({"a": 0.7, "b": 1.5, "c": 3.0}, num_classes=5,
-                                dim=6, sizes=(100, 50, 4000), nonlinear=nonlinear)
+  q = make({"a": 0.7, "b": 1.5, "c": 3.0}, num_classes=5, dim=6,
+           sizes=(100, 50, 4000))
   np.testing.assert_array_equal(q.splits["train"][0]["b"], p.splits["train"][0]["b"])
   assert q.bayes_accuracy == p.bayes_accuracy
+
+
+def test_nonlinear_flag_is_a_deprecated_alias_of_make_nonlinear_gaussian():
+  args = ({"a": 0.7, "b": 1.5}, )
+  kwargs = {"num_classes": 3, "dim": 4, "sizes": (20, 10, 30), "seed": 2}
+  with pytest.warns(DeprecationWarning, match="make_nonlinear_gaussian"):
+    old = data.make_linear_gaussian(*args, nonlinear=True, **kwargs)
+  new = data.make_nonlinear_gaussian(*args, **kwargs)
+  for split in ("train", "validation", "test"):
+    for m in ("a", "b"):
+      np.testing.assert_array_equal(old.splits[split][0][m],
+                                    new.splits[split][0][m])
+  assert old.bayes_accuracy == new.bayes_accuracy
 
 
 def test_bayes_accuracy_agrees_with_monte_carlo_for_one_modality():

@@ -1,7 +1,8 @@
 """Data sources returning ``{modality: array}`` inputs and integer labels.
 
-* :func:`make_linear_gaussian`: synthetic K-modality problems with a known
-  Bayes-optimal accuracy (linear-Gaussian, or through a non-linear bijection).
+* :func:`make_linear_gaussian` / :func:`make_nonlinear_gaussian`: synthetic
+  K-modality problems with a known Bayes-optimal accuracy (linear-Gaussian,
+  or seen through a non-linear bijection).
 * :func:`make_imbalanced`: synthetic problems where modality imbalance
   happens (a memorisable code against a slower, stronger one), with exact
   Bayes accuracies.
@@ -31,6 +32,7 @@ from arl_jax.data.synthetic import ModalitySpec
 from arl_jax.data.synthetic import SyntheticProblem
 from arl_jax.data.synthetic import make_imbalanced
 from arl_jax.data.synthetic import make_linear_gaussian
+from arl_jax.data.synthetic import make_nonlinear_gaussian
 from arl_jax.data.uci_multifeature import MultiViewData
 from arl_jax.data.uci_multifeature import load_uci_multifeature
 
@@ -49,5 +51,6 @@ __all__ = [
     "load_uci_multifeature",
     "make_imbalanced",
     "make_linear_gaussian",
+    "make_nonlinear_gaussian",
     "prepare",
 ]

@@ -219,17 +219,17 @@ def _collate(examples: Sequence[dict], batch_size: int) -> dict:
 
 
 class _BatchLoader:
-  """Batch ``b`` of an epoch: its records read, transformed and assembled.
+  """Batch ``b`` of an epoch: its records read, prepared and assembled.
 
   grain maps this over batch indices, so its per-element bookkeeping runs
   once per batch (it costs ~0.2 ms per element, a quarter of the fast path).
   Picklable (no lambdas) for grain worker processes.
   """
 
-  def __init__(self, source, order, batch_size, transform, assemble,
+  def __init__(self, source, order, batch_size, per_example, assemble,
                shard=(0, 1)):
     self.source, self.order, self.batch_size = source, order, batch_size
-    self.transform, self.assemble = transform, assemble
+    self.per_example, self.assemble = per_example, assemble
     # This process's contiguous rows of every global batch.
     self.local = batch_size // shard[1]
     self.offset = shard[0] * self.local
@@ -242,9 +242,9 @@ class _BatchLoader:
       idx = self.order[:1]
     records = [self.source[int(i)] for i in idx]
     if rng is None:
-      rows = [self.transform(r) for r in records]
+      rows = [self.per_example(r) for r in records]
     else:
-      rows = [self.transform(r, rng) for r in records]
+      rows = [self.per_example(r, rng) for r in records]
     batch = self.assemble(rows, self.local)
     if empty:
       batch["mask"][:] = False
@@ -302,16 +302,16 @@ def batches(source, *, batch_size: int, train: bool, num_frames: int = 1,
     order = np.arange(len(source))
     num_batches = -(-len(source) // batch_size)
   if augment == "device":
-    transform = FrameChoice(num_frames)
+    per_example = FrameChoice(num_frames)
     assemble = functools.partial(_assemble_canvas, canvas=tuple(canvas))
   else:
-    transform = HostAugmentation(num_frames, image_size, normalize)
+    per_example = HostAugmentation(num_frames, image_size, normalize)
     assemble = _collate
   if not 0 <= shard_index < shard_count or batch_size % shard_count:
     raise ValueError(f"shard {shard_index} of {shard_count}: need 0 <= index "
                      f"< count and batch_size ({batch_size}) divisible by the "
                      "count.")
-  loader = _BatchLoader(source, order, batch_size, transform, assemble,
+  loader = _BatchLoader(source, order, batch_size, per_example, assemble,
                         (shard_index, shard_count))
   ds = grain.MapDataset.range(num_batches)
   if train:
