@@ -4,6 +4,22 @@ Pure functions for the per-modality statistics and coefficients, an optax
 transformation that rescales each encoder's gradients, and one jittable train
 step that composes them. Every per-modality value is a mapping keyed by
 modality name; any number of modalities K >= 2.
+
+The names below, by concept:
+
+* the train and eval steps: :func:`make_train_step`, :func:`make_eval_step`,
+  :class:`TrainState`;
+* balancing methods: :class:`Method` and its registered subclasses
+  (:class:`ARL`, :class:`OGMGE`, :class:`PMR`, ...), :func:`make_method`,
+  :func:`method_names`, :func:`register_method`, their contexts;
+* coefficient rules (:mod:`arl_jax.coefficients`): each from logits and,
+  for the train step's batch sums, ``*_from_statistics``;
+* per-modality statistics (:mod:`arl_jax.statistics`);
+* the optax transformation that applies the scales
+  (:func:`scale_by_modality`, :func:`with_modality_scales`,
+  :func:`label_modalities`);
+* losses and unimodal logits; the modules :mod:`estimators`,
+  :mod:`fusion_weighting`, :mod:`optimizer_checks`, :mod:`parallel`.
 """
 
 from arl_jax import estimators
@@ -13,7 +29,6 @@ from arl_jax import parallel
 from arl_jax.coefficients import arl_coefficients
 from arl_jax.coefficients import arl_coefficients_from_statistics
 from arl_jax.coefficients import ogm_ge_coefficients
-from arl_jax.coefficients import ogm_ge_coefficients_from_statistics
 from arl_jax.coefficients import released_arl_coefficients
 from arl_jax.coefficients import released_arl_coefficients_from_statistics
 from arl_jax.labels import label_modalities
@@ -56,6 +71,20 @@ from arl_jax.unimodal import zero_other_modalities
 
 __version__ = "0.1.0"
 
+# Public names that moved to their module (still readable here, with a
+# DeprecationWarning): ``arl_jax.<name>`` -> ``<module>.<name>``.
+_MOVED = {"ogm_ge_coefficients_from_statistics": "arl_jax.coefficients"}
+
+
+def __getattr__(name):
+  if name in _MOVED:
+    import importlib
+    import warnings
+    warnings.warn(f"arl_jax.{name} is deprecated: use {_MOVED[name]}.{name}.",
+                  DeprecationWarning, stacklevel=2)
+    return getattr(importlib.import_module(_MOVED[name]), name)
+  raise AttributeError(f"module 'arl_jax' has no attribute {name!r}")
+
 __all__ = [
     "AGM",
     "ARL",
@@ -92,7 +121,6 @@ __all__ = [
     "method_names",
     "modality_statistics",
     "ogm_ge_coefficients",
-    "ogm_ge_coefficients_from_statistics",
     "optimization_dependency",
     "optimizer_checks",
     "parallel",

@@ -34,7 +34,7 @@ def _floored_sums(values: Array, counts: Array, floor: float) -> Array:
 
 
 def _all_present(stats: Mapping[str, ModalityStatistics], names) -> Array:
-  return jnp.all(_stack({m: stats[m].count for m in names}, names) > 0)
+  return jnp.all(_counts(stats, names) > 0)
 
 
 def _usable(stats: Mapping[str, ModalityStatistics], names,
@@ -45,6 +45,20 @@ def _usable(stats: Mapping[str, ModalityStatistics], names,
   ``temperature <= 0`` would otherwise silently flip them.
   """
   return _all_present(stats, names) & (jnp.asarray(positive) > 0)
+
+
+def _prologue(stats: Mapping[str, ModalityStatistics], positive, name: str):
+  """What every rule starts with: the modality names (sorted, checked),
+  ``positive`` (``temperature`` or ``alpha``) checked > 0 and the
+  statistics without gradient."""
+  names = _validation.modality_names(stats, "statistics")
+  _validation.check_positive(positive, name)
+  return names, jax.lax.stop_gradient(dict(stats))
+
+
+def _counts(stats: Mapping[str, ModalityStatistics], names) -> Array:
+  """The finite-row counts, stacked in name order."""
+  return _stack({m: stats[m].count for m in names}, names)
 
 
 def _reference_index(names, reference: str | None) -> int:
@@ -71,15 +85,13 @@ def arl_coefficients_from_statistics(
   the former (another estimator, :mod:`arl_jax.estimators`) and
   ``dependency_stats`` the rows the latter is read from.
   """
-  names = _validation.modality_names(stats, "statistics")
-  _validation.check_positive(temperature, "temperature")
-  stats = jax.lax.stop_gradient(dict(stats))
+  names, stats = _prologue(stats, temperature, "temperature")
   if inverse_variance is None:
     inverse_variance = stats_lib.inverse_variance_from_statistics(
         stats, entropy_floor)
   dep = jax.lax.stop_gradient(dict(dependency_stats or stats))
   q = _stack(jax.lax.stop_gradient(dict(inverse_variance)), names)
-  counts = _stack({m: dep[m].count for m in names}, names)
+  counts = _counts(dep, names)
   s = _floored_sums(_stack(stats_lib.dependency_from_statistics(dep), names),
                     counts, sum_floor)
   q_share = q / jnp.sum(q)
@@ -174,10 +186,8 @@ def released_arl_coefficients_from_statistics(
   The release computes this on the host every step and only prints it; what
   it applies is the constant ``0.5`` (see :class:`arl_jax.methods.ARLReleased`).
   """
-  names = _validation.modality_names(stats, "statistics")
-  _validation.check_positive(temperature, "temperature")
-  stats = jax.lax.stop_gradient(dict(stats))
-  counts = _stack({m: stats[m].count for m in names}, names)
+  names, stats = _prologue(stats, temperature, "temperature")
+  counts = _counts(stats, names)
   h = _stack({m: stats_lib.mean_entropy(stats[m], entropy_floor)
               for m in names}, names)
   q = 1.0 / jnp.maximum(h / jnp.sum(h), entropy_clamp)
@@ -221,10 +231,8 @@ def ogm_ge_coefficients_from_statistics(
     Peng, Wei, Deng, Wang, Hu. "Balanced Multimodal Learning via On-the-fly
     Gradient Modulation". CVPR 2022 (arXiv:2203.15332).
   """
-  names = _validation.modality_names(stats, "statistics")
-  _validation.check_positive(alpha, "alpha")
-  stats = jax.lax.stop_gradient(dict(stats))
-  counts = _stack({m: stats[m].count for m in names}, names)
+  names, stats = _prologue(stats, alpha, "alpha")
+  counts = _counts(stats, names)
   s = _floored_sums(_stack({m: stats[m].true_prob_sum for m in names}, names),
                     counts, sum_floor)
   others = (jnp.sum(s) - s) / (len(names) - 1)

@@ -19,6 +19,7 @@ wrapper around this function, not a copy of it.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from collections.abc import Mapping
 from typing import Any
@@ -111,7 +112,28 @@ def _check_outputs(outputs: Any, inputs: Mapping[str, Any]):
   return fused, unimodal, names
 
 
+def _renamed(preprocess, batch_transform, where: str):
+  """``preprocess``, or its deprecated name ``batch_transform`` (a warning)."""
+  if batch_transform is None:
+    return preprocess
+  if preprocess is not None:
+    raise TypeError(f"{where}: pass preprocess only (batch_transform is its "
+                    "deprecated name).")
+  warnings.warn(f"{where}(batch_transform=...) is deprecated: use "
+                "preprocess=...", DeprecationWarning, stacklevel=3)
+  return batch_transform
+
+
 def _per_modality_metrics(stats, modulation, scales) -> dict[str, Any]:
+  """The train step's per-modality metrics, ``{modality: value}`` each.
+
+  ``q``, ``s`` and ``a`` are the paper's symbols, kept as the keys (the
+  committed results and the comparison read them): ``q`` the unimodal
+  inverse variance ``q_m`` (Eq. 17 on the batch, or the method's own
+  estimate, ``q_estimate``, where it has one), ``s`` the optimisation
+  dependency ``s_m`` (Eq. 4), ``a`` the method's coefficient ``a_m`` (ARL:
+  Eq. 18); ``scale`` the gradient scale applied this step (1 in warm-up).
+  """
   count = {m: jnp.maximum(s.count, 1.0) for m, s in stats.items()}
   return {
       "q": modulation.diagnostics.get(
@@ -162,9 +184,10 @@ def make_train_step(apply_fn: ApplyFn, tx: optax.GradientTransformation,
                     method: Method, *, warmup_steps: int | Array = 0,
                     skip_nonfinite_updates: bool = True,
                     axis_name: Any = None,
-                    batch_transform: Callable | None = None,
+                    preprocess: Callable | None = None,
                     accumulation_steps: int = 1,
                     check_tx: bool = True,
+                    batch_transform: Callable | None = None,
                     ) -> Callable[[TrainState, Mapping[str, Any]],
                                   tuple[TrainState, dict[str, Any]]]:
   """Builds the training step of a balancing ``method`` (ARL by default use).
@@ -223,7 +246,7 @@ def make_train_step(apply_fn: ApplyFn, tx: optax.GradientTransformation,
       single device and for ``jax.jit`` with sharded inputs, where XLA
       partitions the global-batch computation itself
       (:mod:`arl_jax.parallel`).
-    batch_transform: optional ``(batch, rng) -> batch`` traced into the step
+    preprocess: optional ``(batch, rng) -> batch`` traced into the step
       before anything else, e.g. ``FrameAugmentation().train`` (crop, flip
       and resize on the device); its key is ``fold_in(step key, 1)`` (with a
       device axis, different on every device). The batch it receives may
@@ -233,6 +256,7 @@ def make_train_step(apply_fn: ApplyFn, tx: optax.GradientTransformation,
       parameters (:func:`arl_jax.optimizer_checks.scales_take_effect`) and
       raise a ValueError if the modality scales provably have no effect
       (e.g. ``scale_by_modality`` before Adam). False skips the probe.
+    batch_transform: deprecated name of ``preprocess``.
 
   Returns:
     ``train_step(state, batch) -> (state, metrics)``; ``batch`` is
@@ -241,8 +265,12 @@ def make_train_step(apply_fn: ApplyFn, tx: optax.GradientTransformation,
     ``gamma``, ``warmup``, ``grad_norm``, ``update_skipped``,
     ``invalid_labels``, the method's own diagnostics (ARL:
     ``invalid_temperature``) and per-modality mappings ``q``, ``s``, ``a``,
-    ``scale``, ``unimodal_loss``, ``unimodal_accuracy``, ``nonfinite_rows``.
+    ``scale``, ``unimodal_loss``, ``unimodal_accuracy``, ``nonfinite_rows``
+    (the paper's symbols: ``q`` the inverse-variance estimate, ``s`` the
+    optimisation dependency, ``a`` the method's coefficient; see
+    ``_per_modality_metrics``).
   """
+  preprocess = _renamed(preprocess, batch_transform, "make_train_step")
   _check_int(warmup_steps, "warmup_steps", 0)
   _check_int(accumulation_steps, "accumulation_steps", 1)
   custom_loss = type(method).loss is not Method.loss
@@ -440,8 +468,8 @@ def make_train_step(apply_fn: ApplyFn, tx: optax.GradientTransformation,
     rng = jax.random.fold_in(state.rng, state.step)
     if axis_name is not None:
       rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
-    if batch_transform is not None:
-      batch = batch_transform(batch, jax.random.fold_in(rng, 1))
+    if preprocess is not None:
+      batch = preprocess(batch, jax.random.fold_in(rng, 1))
     inputs, labels, mask = _unpack_batch(batch)
     if isinstance(inputs, Mapping):
       check_tx_once(state.params, tuple(inputs))
@@ -572,13 +600,15 @@ def make_train_step(apply_fn: ApplyFn, tx: optax.GradientTransformation,
   return train_step
 
 
-def make_eval_step(apply_fn: ApplyFn, batch_transform: Callable | None = None,
-                   method: Method | None = None, axis_name: Any = None
+def make_eval_step(apply_fn: ApplyFn, preprocess: Callable | None = None,
+                   method: Method | None = None, axis_name: Any = None, *,
+                   batch_transform: Callable | None = None
                    ) -> Callable[..., dict[str, Any]]:
   """Builds ``eval_step(state, batch, fusion_weights=None) -> sums``.
 
-  ``batch_transform``: optional deterministic ``batch -> batch`` traced in
-  first (e.g. ``FrameAugmentation().eval``). ``fusion_weights``: optional
+  ``preprocess``: optional deterministic ``batch -> batch`` traced in
+  first (e.g. ``FrameAugmentation().eval``; ``batch_transform``: its
+  deprecated name). ``fusion_weights``: optional
   ``{modality: w_m}`` (traced) that reweight the unimodal logit terms of an
   additive fusion head (:func:`arl_jax.fusion_weighting.weighted_fusion_logits`)
   before the fused prediction is scored. ``method``: the scored logits are
@@ -595,11 +625,12 @@ def make_eval_step(apply_fn: ApplyFn, batch_transform: Callable | None = None,
   padded last batch included (rows with ``mask`` False, or a label outside
   ``[0, C)``, count nowhere).
   """
+  preprocess = _renamed(preprocess, batch_transform, "make_eval_step")
 
   def eval_step(state: TrainState, batch: Mapping[str, Any],
                 fusion_weights: Mapping[str, Any] | None = None):
-    if batch_transform is not None:
-      batch = batch_transform(batch)
+    if preprocess is not None:
+      batch = preprocess(batch)
     inputs, labels, mask = _unpack_batch(batch)
     outputs, _ = apply_fn(state.params, state.model_state, inputs,
                           train=False, rng=state.rng)

@@ -101,15 +101,15 @@ def device_augment_ms(source, batch_size: int, repeats: int = 10) -> dict:
 
 def run_style(tmp: pathlib.Path, style: str, args) -> dict:
   from arl_jax import data
-  from arl_jax.data import fixtures
-  root = fixtures.write_fake_crema_d(
+  from benchmarks import fake_data
+  root = fake_data.write_fake_crema_d(
       tmp / style / "raw", actors=tuple(range(1001, 1001 + args.actors)),
       sentences=("DFA", "IEO"), seconds=2.5, frames=3, frame_size=(360, 480),
       test_fraction=0.2, frame_style=style)
   jpeg_kb = statistics.median(
       p.stat().st_size for p in (root / "Image-01-FPS").rglob("*.jpg")) / 1e3
   clips = [tuple(l.split(",")) for l in (root / "train.csv").read_text().split()]
-  names = data.av_datasets.CREMA_D_CLASSES
+  names = data.layouts.CREMA_D_CLASSES
   clips = [(c, names.index(l)) for c, l in clips]
 
   start = time.perf_counter()

@@ -37,11 +37,11 @@ def main(argv=None):
   from absl import logging
   logging.set_verbosity(logging.WARNING)
 
-  from arl_jax.data import fixtures
+  from benchmarks import fake_data
   from experiments import train
   from experiments.configs import crema_d
   tmp = pathlib.Path(tempfile.mkdtemp(prefix="runner_step_"))
-  root = fixtures.write_fake_crema_d(tmp / "raw", actors=(1001, 1002, 1003,
+  root = fake_data.write_fake_crema_d(tmp / "raw", actors=(1001, 1002, 1003,
                                                           1004),
                                      sentences=("DFA", "IEO"), frames=1,
                                      seconds=3.0, test_fraction=0.2)

@@ -197,7 +197,7 @@ def jax_steps(kind, batch, dtype, device_augment=False):
                                              (batch, 1, 1))}
     aug_step = arl_jax.make_train_step(
         apply_fn, arl_tx, arl_jax.ARL(temperature=8.0, gamma=4.0),
-        batch_transform=FrameAugmentation(image_size=224).train)
+        preprocess=FrameAugmentation(image_size=224).train)
     aug_state = jax.tree.map(jnp.copy, arl_state)   # each step donates its own
     steps["arl_jax_devaug"] = (aug_step, aug_state, raw)
   return steps

@@ -1,8 +1,9 @@
-"""The ARL train step on one device, pmap, jit with shardings, several processes.
+"""The ARL train step with jit and shardings, in one or several processes.
 
 One fixed problem (three modalities, MLP encoders with BatchNorm, a global
-batch of 64, a few SGD steps) trained by each execution mode; the final
-parameters, BatchNorm statistics and metrics are what the tests compare.
+batch of 64, a few SGD steps) trained data-parallel; the final parameters,
+BatchNorm statistics and metrics are what the tests compare with one device
+and with pmap (tests/parallel_runs.py).
 
 Local multi-process run (2 processes x 4 faked CPU devices, gloo collectives,
 coordinator on 127.0.0.1)::
@@ -76,61 +77,34 @@ def build(axis_name=None, bn_axis_name=None, warmup_steps=1):
   return state, step
 
 
-def _result(state, metrics):
+def result_of(state, metrics):
+  """What a run returns: final parameters, BatchNorm statistics, metrics."""
   return {"params": state.params, "model_state": state.model_state,
           "metrics": metrics}
 
 
-def run_single(steps: int):
-  import jax
-  state, step = build()
-  step = jax.jit(step)
-  batch = problem()
-  for t in range(steps):
-    state, metrics = step(state, batch(t))
-  return jax.device_get(_result(state, metrics))
+def run_jit(steps: int, devices=None, process_rows=None, wrap_step=None):
+  """jit + NamedSharding over ``devices`` (default: all, every process).
 
-
-def run_pmap(steps: int, devices=None):
-  import jax
-
-  from arl_jax import parallel
-  devices = devices or jax.local_devices()
-  state, step = build(axis_name="batch", bn_axis_name="batch")
-  traces = []
-
-  def counted(state, batch):
-    traces.append(1)             # runs only when pmap traces (compiles)
-    return step(state, batch)
-
-  pstep = parallel.pmap_train_step(counted, "batch", devices)
-  state = parallel.replicate(state, devices, "batch")
-  batch = problem()
-  for t in range(steps):
-    state, metrics = pstep(state, parallel.shard_batch(batch(t), len(devices)))
-  per_device = jax.device_get(metrics["a"])
-  return jax.device_get(_result(parallel.unreplicate(state),
-                                parallel.unreplicate(metrics))), (
-                                    per_device, len(traces))
-
-
-def run_jit(steps: int, devices=None, process_rows=None):
-  """jit + NamedSharding over ``devices`` (default: all, every process)."""
+  ``process_rows``: this process's rows of each global batch (default: all);
+  ``wrap_step``: applied to the train step before it is jitted (the tests
+  count its traces).
+  """
   import jax
 
   from arl_jax import parallel
   mesh = parallel.data_mesh(devices)
   state, step = build()
+  if wrap_step is not None:
+    step = wrap_step(step)
   jstep = parallel.jit_train_step(step, mesh)
   state = parallel.replicate_on_mesh(state, mesh)
   batch = problem()
   rows = process_rows or slice(None)
-  traces = jstep._cache_size() if hasattr(jstep, "_cache_size") else None
   for t in range(steps):
     local = jax.tree.map(lambda x: x[rows], batch(t))
     state, metrics = jstep(state, parallel.global_batch(local, mesh))
-  sizes = (traces, jstep._cache_size() if traces is not None else None)
-  return parallel.fetch(_result(state, metrics)), sizes
+  return parallel.fetch(result_of(state, metrics))
 
 
 # ------------------------------------------------------------ multi-process --
@@ -151,7 +125,7 @@ def worker(args):
       raise RuntimeError(f"process {args.process_id} fails on purpose")
     local = GLOBAL_BATCH // args.processes
     rows = slice(args.process_id * local, (args.process_id + 1) * local)
-    result, _ = run_jit(args.steps, process_rows=rows)
+    result = run_jit(args.steps, process_rows=rows)
     print(f"process {args.process_id}: {jax.process_count()} processes, "
           f"{jax.device_count()} devices ({jax.local_device_count()} local), "
           f"loss {float(result['metrics']['loss']):.4f}, a = "

@@ -42,6 +42,13 @@ class TopologyError(ValueError):
   """A device or process configuration the runner cannot use."""
 
 
+def barrier(name: str) -> None:
+  """Waits for every process (no-op with one)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)
+
+
 def _give_up(message: str) -> None:
   print(f"error: {message}", file=sys.stderr, flush=True)
   os._exit(2)

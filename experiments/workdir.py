@@ -276,6 +276,11 @@ def json_line(record: dict) -> str:
   return json.dumps(finite_or_none(record), allow_nan=False) + "\n"
 
 
+def log(message: str) -> None:
+  """A line on stderr (flushed)."""
+  print(message, file=sys.stderr, flush=True)
+
+
 def write_atomic(path: pathlib.Path, text: str) -> None:
   tmp = path.with_name(path.name + ".tmp")
   tmp.write_text(text)

@@ -9,10 +9,11 @@ import pytest
 
 from arl_jax import data
 from arl_jax.data import audio
-from arl_jax.data import av_datasets
 from arl_jax.data import av_pipeline
-from arl_jax.data import fixtures
+from arl_jax.data import layouts
+from arl_jax.data import prepared
 from arl_jax.data import uci_multifeature
+from benchmarks import fake_data
 
 
 @pytest.fixture(autouse=True)
@@ -23,10 +24,11 @@ def _tmpdir_env(tmp_path, monkeypatch):
 
 # ------------------------------------------------------------- synthetic --
 
-@pytest.mark.parametrize("nonlinear", [False, True])
-def test_synthetic_problem_has_known_optimum(nonlinear):
-  p = data.make_linear_gaussian({"a": 0.7, "b": 1.5, "c": 3.0}, num_classes=5,
-                                dim=6, sizes=(100, 50, 4000), nonlinear=nonlinear)
+@pytest.mark.parametrize("make", [data.make_linear_gaussian,
+                                  data.make_nonlinear_gaussian])
+def test_synthetic_problem_has_known_optimum(make):
+  p = make({"a": 0.7, "b": 1.5, "c": 3.0}, num_classes=5, dim=6,
+           sizes=(100, 50, 4000))
   x, y = p.splits["test"]
   assert {m: v.shape for m, v in x.items()} == {m: (4000, 6) for m in "abc"}
   assert x["a"].dtype == np.float32 and y.dtype == np.int32
@@ -36,10 +38,23 @@ def test_synthetic_problem_has_known_optimum(nonlinear):
   assert w["a"] / w["b"] == pytest.approx((1.5 / 0.7) ** 2)
   assert sum(w.values()) == pytest.approx(1.0)
   # The same seed gives the same data and the same optimum.
-  q = data.make_linear_gaussian({"a": 0.7, "b": 1.5, "c": 3.0}, num_classes=5,
-                                dim=6, sizes=(100, 50, 4000), nonlinear=nonlinear)
+  q = make({"a": 0.7, "b": 1.5, "c": 3.0}, num_classes=5, dim=6,
+           sizes=(100, 50, 4000))
   np.testing.assert_array_equal(q.splits["train"][0]["b"], p.splits["train"][0]["b"])
   assert q.bayes_accuracy == p.bayes_accuracy
+
+
+def test_nonlinear_flag_is_a_deprecated_alias_of_make_nonlinear_gaussian():
+  args = ({"a": 0.7, "b": 1.5}, )
+  kwargs = {"num_classes": 3, "dim": 4, "sizes": (20, 10, 30), "seed": 2}
+  with pytest.warns(DeprecationWarning, match="make_nonlinear_gaussian"):
+    old = data.make_linear_gaussian(*args, nonlinear=True, **kwargs)
+  new = data.make_nonlinear_gaussian(*args, **kwargs)
+  for split in ("train", "validation", "test"):
+    for m in ("a", "b"):
+      np.testing.assert_array_equal(old.splits[split][0][m],
+                                    new.splits[split][0][m])
+  assert old.bayes_accuracy == new.bayes_accuracy
 
 
 def test_bayes_accuracy_agrees_with_monte_carlo_for_one_modality():
@@ -103,7 +118,7 @@ def test_log_spectrogram_shape_and_closed_form():
 
 
 def test_wav_to_spectrogram_resamples_and_fills(tmp_path):
-  fixtures.write_wav(tmp_path / "a.wav", 1.2, 2, np.random.default_rng(0))
+  fake_data.write_wav(tmp_path / "a.wav", 1.2, 2, np.random.default_rng(0))
   spec = audio.wav_to_spectrogram(tmp_path / "a.wav")
   assert spec.shape == (257, 188) and spec.dtype == np.float32
   assert np.all(np.isfinite(spec))
@@ -115,7 +130,7 @@ def test_wav_to_spectrogram_resamples_and_fills(tmp_path):
 def test_wav_cut_short_is_an_error_naming_the_file(tmp_path):
   from scipy.io import wavfile
   full = tmp_path / "full.wav"
-  fixtures.write_wav(full, 0.5, 1, np.random.default_rng(0))   # 8000 samples
+  fake_data.write_wav(full, 0.5, 1, np.random.default_rng(0))   # 8000 samples
   wavfile.write(tmp_path / "stereo.wav", 8000, np.zeros((101, 2), np.float32))
   for name, declared in (("full.wav", 8000), ("stereo.wav", 101)):
     whole = (tmp_path / name).read_bytes()
@@ -137,7 +152,7 @@ def test_wav_cut_short_is_an_error_naming_the_file(tmp_path):
 @pytest.fixture(scope="module")
 def crema(tmp_path_factory):
   tmp = tmp_path_factory.mktemp("crema")
-  root = fixtures.write_fake_crema_d(tmp / "raw")
+  root = fake_data.write_fake_crema_d(tmp / "raw")
   builder = data.prepare("crema_d", root, tmp / "prepared")
   return root, builder, data.load_prepared(builder.data_dir)
 
@@ -157,7 +172,7 @@ def test_crema_d_prepared_splits_shapes_and_labels(crema):
   decoded = data.load_prepared(builder.data_dir, decode_frames=True)["train"][0]
   assert decoded["frames"][0].dtype == np.uint8 and decoded["frames"][0].ndim == 3
   names = builder.info.features["label"].names
-  assert names == list(av_datasets.CREMA_D_CLASSES)
+  assert names == list(layouts.CREMA_D_CLASSES)
   for split in ("train", "test"):
     for i in range(len(src[split])):
       e = src[split][i]
@@ -220,7 +235,7 @@ def test_prepared_source_reads_what_tfds_decodes(crema):
   import tensorflow_datasets as tfds
   from PIL import Image
   _, builder, src = crema
-  assert isinstance(src["train"], av_datasets.PreparedSource)
+  assert isinstance(src["train"], prepared.PreparedSource)
   reference = tfds.builder_from_directory(str(builder.data_dir)).as_data_source()
   for split in ("train", "test"):
     assert len(src[split]) == len(reference[split])
@@ -241,10 +256,10 @@ def test_records_are_stored_uncompressed_and_frames_measured(crema, tmp_path):
   from array_record.python import array_record_module as ar
   root, builder, src = crema
   path = pathlib.Path(builder.data_dir)
-  assert (path / av_datasets._UNCOMPRESSED_MARK).exists()
+  assert (path / prepared._UNCOMPRESSED_MARK).exists()
   shard = next(path.glob("*train.array_record*"))
   before = shard.read_bytes()
-  av_datasets.store_uncompressed(path)           # a no-op the second time
+  prepared.store_uncompressed(path)           # a no-op the second time
   assert shard.read_bytes() == before
   # Uncompressed: the spectrogram bytes appear verbatim in the file.
   assert src["train"][0]["audio"].tobytes()[:4096] in before
@@ -316,7 +331,7 @@ def test_device_pipeline_decodes_into_the_canvas(crema):
 
 
 def test_crema_d_actor_disjoint_split(tmp_path):
-  root = fixtures.write_fake_crema_d(tmp_path / "raw",
+  root = fake_data.write_fake_crema_d(tmp_path / "raw",
                                      actors=tuple(range(1001, 1011)),
                                      sentences=("DFA",), frames=1)
   b = data.prepare("crema_d", root, tmp_path / "p", config="actor_disjoint")
@@ -331,7 +346,7 @@ def test_crema_d_actor_disjoint_split(tmp_path):
 
 
 def test_kinetics_sounds_and_ave_layouts(tmp_path):
-  ks = data.prepare("kinetics_sounds", fixtures.write_fake_kinetics_sounds(
+  ks = data.prepare("kinetics_sounds", fake_data.write_fake_kinetics_sounds(
       tmp_path / "ks"), tmp_path / "p")
   src = data.load_prepared(ks.data_dir)
   assert {k: len(v) for k, v in src.items()} == {"train": 9, "validation": 3,
@@ -340,7 +355,7 @@ def test_kinetics_sounds_and_ave_layouts(tmp_path):
   batch = next(iter(av_pipeline.batches(src["train"], batch_size=4, train=True,
                                         num_frames=3)))
   assert batch["inputs"]["visual"].shape == (4, 3, 224, 224, 3)
-  ave = data.prepare("ave", fixtures.write_fake_ave(tmp_path / "ave"),
+  ave = data.prepare("ave", fake_data.write_fake_ave(tmp_path / "ave"),
                      tmp_path / "p")
   src = data.load_prepared(ave.data_dir)
   assert {k: len(v) for k, v in src.items()} == {"train": 12, "validation": 3,
@@ -359,7 +374,7 @@ def test_kinetics_sounds_and_ave_layouts(tmp_path):
                   r"has unknown label 'CALM'"),
 ])
 def test_bad_clips_are_named_or_skipped_and_reported(tmp_path, damage, match):
-  root = fixtures.write_fake_crema_d(tmp_path / "raw", sentences=("DFA",),
+  root = fake_data.write_fake_crema_d(tmp_path / "raw", sentences=("DFA",),
                                      frames=1, seconds=0.5)
   clip = "1001_DFA_NEU_XX"
   listed = "train.csv" if clip in (root / "train.csv").read_text() else "test.csv"
@@ -379,7 +394,7 @@ def test_bad_clips_are_named_or_skipped_and_reported(tmp_path, damage, match):
     path.write_text(path.read_text().replace(f"{clip},NEU", f"{clip},CALM"))
   with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
-    with pytest.raises(av_datasets.DataError, match=match):
+    with pytest.raises(data.DataError, match=match):
       data.prepare("crema_d", root, tmp_path / "strict")
     b = data.prepare("crema_d", root, tmp_path / "lenient", skip_invalid=True)
   # One clear message naming the file, no library warning that names none.
@@ -394,7 +409,7 @@ def test_bad_clips_are_named_or_skipped_and_reported(tmp_path, damage, match):
   if damage == "bad_label":     # a wrong label list is not a few bad clips
     path = root / listed
     path.write_text(re.sub(r",\w+$", ",CALM", path.read_text(), flags=re.M))
-    with pytest.raises(av_datasets.DataError,
+    with pytest.raises(data.DataError,
                        match=r"no clip of split '\w+' has a known label"):
       data.prepare("crema_d", root, tmp_path / "wrong", skip_invalid=True)
 
@@ -413,7 +428,7 @@ def test_folder_without_the_layout_says_what_it_needs(tmp_path, capfd, name,
   for extra in (None, "videos"):     # empty, then a folder of something else
     if extra:
       (root / extra).mkdir()
-    with pytest.raises(av_datasets.DataError) as e:
+    with pytest.raises(data.DataError) as e:
       data.prepare(name, root, tmp_path / "p")
     message = str(e.value)
     assert message.startswith(f"data root {root} does not have the {title} "
@@ -421,7 +436,7 @@ def test_folder_without_the_layout_says_what_it_needs(tmp_path, capfd, name,
     assert all(f"\n  {n}" in message for n in needs)   # one line each
     assert "Downloading" not in capfd.readouterr().out    # before TFDS starts
   (root / needs[0]).mkdir()            # a partial copy: only the rest missing
-  with pytest.raises(av_datasets.DataError,
+  with pytest.raises(data.DataError,
                      match=f"layout: missing {', '.join(needs[1:])}."):
     data.prepare(name, root, tmp_path / "p")
 
@@ -467,9 +482,9 @@ def test_damaged_prepared_file_is_named(crema, tmp_path):
 
 
 def test_missing_root_and_unprepared_dir(tmp_path):
-  with pytest.raises(av_datasets.DataError, match="does not exist"):
+  with pytest.raises(data.DataError, match="does not exist"):
     data.prepare("crema_d", tmp_path / "nowhere", tmp_path / "p")
-  with pytest.raises(av_datasets.DataError, match="not a prepared data set"):
+  with pytest.raises(data.DataError, match="not a prepared data set"):
     data.load_prepared(tmp_path)
   with pytest.raises(ValueError, match="unknown data set"):
     data.prepare("audioset", tmp_path, tmp_path / "p")

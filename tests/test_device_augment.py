@@ -97,13 +97,13 @@ def _canvas_batch():
           "frame_hw": hw}, imgs
 
 
-def test_frame_augmentation_eval_equals_host_eval_transform():
+def test_frame_augmentation_eval_equals_host_eval():
   batch, imgs = _canvas_batch()
   aug = device_augment.FrameAugmentation(image_size=24)
   out = jax.jit(aug.eval)(batch)
   assert set(out) == {"inputs", "labels", "mask"}
   assert out["inputs"]["visual"].shape == (2, 1, 24, 24, 3)
-  host = av_pipeline.EvalTransform(1, 24)
+  host = av_pipeline.HostAugmentation(1, 24)
   for i, img in enumerate(imgs):
     ref = host({"frames": [img], "audio": np.zeros(1), "label": 0})["visual"]
     diff = np.abs(np.asarray(out["inputs"]["visual"][i]).astype(int) - ref)

@@ -360,8 +360,8 @@ def test_bad_imbalance_configs_fail_before_training(overrides, match, tmp_path):
 
 def test_runner_passes_skip_invalid_to_the_preparation(tmp_path):
   from arl_jax import data as data_lib
-  from arl_jax.data import fixtures
-  root = fixtures.write_fake_crema_d(tmp_path / "raw", sentences=("DFA",),
+  from benchmarks import fake_data
+  root = fake_data.write_fake_crema_d(tmp_path / "raw", sentences=("DFA",),
                                      frames=1, seconds=0.5)
   clip = "1001_DFA_NEU_XX"
   for name in ("train.csv", "test.csv"):

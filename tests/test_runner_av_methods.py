@@ -2,7 +2,7 @@
 
 One tiny CREMA-D-layout data set, prepared once for the module; each method
 trains two short epochs through the runner: the audio-visual pipeline, its
-device transforms and padded evaluation batches as in a real run, with two
+device augmentation and padded evaluation batches as in a real run, with two
 small encoders in place of the ResNet18s (compiling those for every method
 and G-Blending's copies would take minutes on a CPU).
 """
@@ -19,7 +19,7 @@ import pytest
 import arl_jax
 from arl_jax import data as data_lib
 from arl_jax import models
-from arl_jax.data import fixtures
+from benchmarks import fake_data
 from experiments import configs
 from experiments import train
 from experiments.configs import ave
@@ -31,7 +31,7 @@ from experiments.configs import synthetic
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
   tmp = tmp_path_factory.mktemp("av")
-  root = fixtures.write_fake_crema_d(tmp / "raw", actors=(1001, 1002),
+  root = fake_data.write_fake_crema_d(tmp / "raw", actors=(1001, 1002),
                                      sentences=("DFA",), frames=1, seconds=0.5,
                                      test_fraction=0.35)
   builder = data_lib.prepare("crema_d", root, tmp / "prepared")
@@ -127,7 +127,7 @@ def test_features_of_a_split_read_every_row_once_in_evaluation_mode(prepared):
   _, _, src = prepared
   c = _config(prepared, **{"data.augment": "device"})
   data = train.load_data(c, None)
-  assert data.eval_transform is not None
+  assert data.eval_preprocess is not None
   seen = []
 
   def feature_fn(state, inputs):
@@ -136,10 +136,10 @@ def test_features_of_a_split_read_every_row_once_in_evaluation_mode(prepared):
     return {m: np.asarray(v, np.float32).reshape(len(v), -1)[:, :4]
             for m, v in inputs.items()}
 
-  transform = jax.jit(data.eval_transform)
+  preprocess = jax.jit(data.eval_preprocess)
   for split in ("train", "validation"):
     x, y = train._split_features(feature_fn, None, data, split,
-                                 eval_transform=transform)
+                                 eval_preprocess=preprocess)
     want = np.array([src[split][i]["label"] for i in range(len(src[split]))])
     np.testing.assert_array_equal(y, want)      # every row once, in order
     assert {m: len(v) for m, v in x.items()} == {"audio": len(want),
@@ -147,9 +147,9 @@ def test_features_of_a_split_read_every_row_once_in_evaluation_mode(prepared):
   # The frames the features saw were resized on the device (no canvas).
   assert all(s[2:4] == (32, 32) for s in seen)
   first, _ = train._split_features(feature_fn, None, data, "train",
-                                   eval_transform=transform)
+                                   eval_preprocess=preprocess)
   again, _ = train._split_features(feature_fn, None, data, "train",
-                                   eval_transform=transform)
+                                   eval_preprocess=preprocess)
   for m in first:                              # no augmentation: the same
     np.testing.assert_array_equal(again[m], first[m])
   with pytest.raises(ValueError, match="never 'test'"):

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from arl_jax import data as data_lib
-from arl_jax.data import fixtures
+from benchmarks import fake_data
 from experiments import configs
 from experiments import train
 from experiments import workdir as workdir_lib
@@ -205,7 +205,7 @@ def test_two_processes_of_four_devices_preempt_stop_resume_and_agree(
 
 def test_audio_visual_runner_in_two_processes(tmp_path):
   """Each process reads its shard; evaluation counts every clip once."""
-  root = fixtures.write_fake_crema_d(tmp_path / "raw", actors=(1001, 1002),
+  root = fake_data.write_fake_crema_d(tmp_path / "raw", actors=(1001, 1002),
                                      sentences=("DFA",), frames=1, seconds=0.5,
                                      test_fraction=0.35)
   prepared = tmp_path / "prepared"
@@ -239,7 +239,7 @@ def test_a_process_count_nobody_else_has_fails_fast(tmp_path):
 def test_audio_visual_shards_are_disjoint_and_cover_the_split(tmp_path,
                                                               monkeypatch):
   monkeypatch.setenv("TMPDIR", str(tmp_path))
-  root = fixtures.write_fake_crema_d(tmp_path / "raw", actors=(1001, 1002),
+  root = fake_data.write_fake_crema_d(tmp_path / "raw", actors=(1001, 1002),
                                      sentences=("DFA",), frames=1, seconds=0.5,
                                      test_fraction=0.35)
   builder = data_lib.prepare("crema_d", root, tmp_path / "prepared")

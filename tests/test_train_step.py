@@ -283,14 +283,14 @@ def test_missing_scale_by_modality_and_bad_batches_are_named():
     step(state, wrong)
 
 
-def test_batch_transform_runs_inside_the_step_with_its_own_keys():
-  """A transform consumes an extra batch key; pmap gives each device a key."""
+def test_preprocess_runs_inside_the_step_with_its_own_keys():
+  """``preprocess`` consumes an extra batch key; pmap gives each device a key."""
   problem, state, _, tx = setup(arl_jax.ARL())
   x, y = problem.splits["train"]
   batch = next(iterate_batches(x, y, 16))
   seen = []
 
-  def transform(b, rng):
+  def preprocess(b, rng):
     seen.append(rng)
     scale = b["gain"]
     inputs = {m: v * scale[:, None] for m, v in b["inputs"].items()}
@@ -298,7 +298,7 @@ def test_batch_transform_runs_inside_the_step_with_its_own_keys():
 
   gain = np.linspace(0.5, 1.5, 16).astype(np.float32)
   step = arl_jax.make_train_step(user_model_apply, tx, arl_jax.ARL(),
-                                 batch_transform=transform)
+                                 preprocess=preprocess)
   plain = arl_jax.make_train_step(user_model_apply, tx, arl_jax.ARL())
   s1, m1 = jax.jit(step)(state, {**batch, "gain": gain})
   pre = {"inputs": {m: v * gain[:, None] for m, v in batch["inputs"].items()},
@@ -311,7 +311,7 @@ def test_batch_transform_runs_inside_the_step_with_its_own_keys():
   devices = jax.devices()[:2]
   pstep = arl_jax.parallel.pmap_train_step(arl_jax.make_train_step(
       user_model_apply, tx, arl_jax.ARL(), axis_name="batch",
-      batch_transform=transform), "batch", devices=devices)
+      preprocess=preprocess), "batch", devices=devices)
   s3, m3 = pstep(arl_jax.parallel.replicate(state, devices),
                  arl_jax.parallel.shard_batch({**batch, "gain": gain}, 2))
   s3 = arl_jax.parallel.unreplicate(s3)
@@ -319,3 +319,14 @@ def test_batch_transform_runs_inside_the_step_with_its_own_keys():
                                                        atol=1e-6),
                s3.params, s2.params)
   assert len(seen) == 2                # traced once per step function
+  # The old name still works, with a DeprecationWarning; not both names.
+  with pytest.warns(DeprecationWarning, match="preprocess"):
+    old = arl_jax.make_train_step(user_model_apply, tx, arl_jax.ARL(),
+                                  batch_transform=preprocess)
+  s4, _ = jax.jit(old)(state, {**batch, "gain": gain})
+  jax.tree.map(np.testing.assert_array_equal, s4.params, s1.params)
+  with pytest.warns(DeprecationWarning, match="preprocess"):
+    arl_jax.make_eval_step(user_model_apply, batch_transform=lambda b: b)
+  with pytest.raises(TypeError, match="preprocess only"):
+    arl_jax.make_eval_step(user_model_apply, preprocess=lambda b: b,
+                           batch_transform=lambda b: b)

@@ -1,7 +1,8 @@
 """Data sources returning ``{modality: array}`` inputs and integer labels.
 
-* :func:`make_linear_gaussian`: synthetic K-modality problems with a known
-  Bayes-optimal accuracy (linear-Gaussian, or through a non-linear bijection).
+* :func:`make_linear_gaussian` / :func:`make_nonlinear_gaussian`: synthetic
+  K-modality problems with a known Bayes-optimal accuracy (linear-Gaussian,
+  or seen through a non-linear bijection).
 * :func:`make_imbalanced`: synthetic problems where modality imbalance
   happens (a memorisable code against a slower, stronger one), with exact
   Bayes accuracies.
@@ -10,24 +11,33 @@
   for CREMA-D, Kinetics-Sounds and AVE from local files, and their grain
   pipeline (``tensorflow-datasets``, ``grain``: the ``data`` extra);
   :class:`FrameAugmentation`: their crop/flip/resize on the accelerator.
+
+Modules: ``layouts`` (what a local copy holds), ``builders`` (the TFDS
+builders, :func:`prepare`), ``prepared`` (the storage format and its reader,
+:func:`load_prepared`), ``av_pipeline`` (batches), ``device_augment``,
+``batching`` (in-memory batches, the padded last batch), ``splits``
+(stratified splits), ``synthetic``, ``uci_multifeature``, ``audio``.
 """
 
-from arl_jax.data.av_datasets import DataError
-from arl_jax.data.av_datasets import frame_canvas
-from arl_jax.data.av_datasets import load_prepared
-from arl_jax.data.av_datasets import prepare
 from arl_jax.data.av_pipeline import batches as av_batches
 from arl_jax.data.batching import iterate_batches
+from arl_jax.data.builders import prepare
 from arl_jax.data.device_augment import FrameAugmentation
+from arl_jax.data.layouts import AV_DATA_SETS
+from arl_jax.data.layouts import DataError
+from arl_jax.data.prepared import frame_canvas
+from arl_jax.data.prepared import load_prepared
 from arl_jax.data.synthetic import IMBALANCE_SETTINGS
 from arl_jax.data.synthetic import ModalitySpec
 from arl_jax.data.synthetic import SyntheticProblem
 from arl_jax.data.synthetic import make_imbalanced
 from arl_jax.data.synthetic import make_linear_gaussian
+from arl_jax.data.synthetic import make_nonlinear_gaussian
 from arl_jax.data.uci_multifeature import MultiViewData
 from arl_jax.data.uci_multifeature import load_uci_multifeature
 
 __all__ = [
+    "AV_DATA_SETS",
     "DataError",
     "IMBALANCE_SETTINGS",
     "ModalitySpec",
@@ -41,5 +51,6 @@ __all__ = [
     "load_uci_multifeature",
     "make_imbalanced",
     "make_linear_gaussian",
+    "make_nonlinear_gaussian",
     "prepare",
 ]

@@ -27,13 +27,16 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from arl_jax import _imagenet
+from arl_jax.data.batching import pad_to_batch
+
 try:
   import simplejpeg as _simplejpeg
 except ImportError:  # pragma: no cover - optional speed-up
   _simplejpeg = None
 
-MEAN = np.array([0.485, 0.456, 0.406], np.float32)
-STD = np.array([0.229, 0.224, 0.225], np.float32)
+MEAN = np.array(_imagenet.MEAN, np.float32)
+STD = np.array(_imagenet.STD, np.float32)
 
 
 def _decode_rgb(frame) -> np.ndarray:
@@ -108,42 +111,35 @@ def _frames_of(example) -> list:
   return list(frames)
 
 
-class TrainTransform:
-  """Random frame choice, random resized crop, flip, normalisation."""
+class HostAugmentation:
+  """A clip's frames on the host (``augment="host"``), ``[T, S, S, 3]``.
+
+  Train (called with an ``rng``): ``num_frames`` frames at random, each a
+  random resized crop to ``image_size`` and a random horizontal flip.
+  Evaluation (no ``rng``): evenly spaced frames resized to ``image_size``,
+  deterministic. ``normalize``: float32 frames normalised here, else uint8.
+  The device counterpart is :class:`arl_jax.data.FrameAugmentation`.
+  """
 
   def __init__(self, num_frames: int, image_size: int = 224,
                normalize: bool = False):
     self.num_frames, self.image_size = num_frames, image_size
     self.normalize = normalize
 
-  def __call__(self, example, rng: np.random.Generator):
+  def __call__(self, example, rng: np.random.Generator | None = None):
     frames = _frames_of(example)
     idx = _frame_indices(len(frames), self.num_frames, rng)
-    out = []
-    for i in idx:
-      f = random_resized_crop(frames[i], self.image_size, rng)
-      if rng.random() < 0.5:
-        f = f[:, ::-1]
-      out.append(f)
-    frames = np.stack(out)
-    return {"audio": np.asarray(example["audio"], np.float32),
-            "visual": _normalise(frames) if self.normalize else frames,
-            "label": np.int32(example["label"])}
-
-
-class EvalTransform:
-  """Evenly spaced frames, resized: deterministic."""
-
-  def __init__(self, num_frames: int, image_size: int = 224,
-               normalize: bool = False):
-    self.num_frames, self.image_size = num_frames, image_size
-    self.normalize = normalize
-
-  def __call__(self, example):
-    frames = _frames_of(example)
-    idx = _frame_indices(len(frames), self.num_frames, None)
-    out = np.stack([_resize(frames[i], (self.image_size, self.image_size))
-                    for i in idx])
+    if rng is None:
+      out = np.stack([_resize(frames[i], (self.image_size, self.image_size))
+                      for i in idx])
+    else:
+      crops = []
+      for i in idx:
+        f = random_resized_crop(frames[i], self.image_size, rng)
+        if rng.random() < 0.5:
+          f = f[:, ::-1]
+        crops.append(f)
+      out = np.stack(crops)
     return {"audio": np.asarray(example["audio"], np.float32),
             "visual": _normalise(out) if self.normalize else out,
             "label": np.int32(example["label"])}
@@ -160,10 +156,10 @@ def _frame_indices(count: int, num_frames: int,
 class FrameChoice:
   """Which frames of a clip to use, still JPEG-encoded (``augment="device"``).
 
-  Train (called with an ``rng``): ``num_frames`` frames at random, as
-  :class:`TrainTransform` draws them; eval: evenly spaced, as
-  :class:`EvalTransform`. Decoding happens when the batch is assembled,
-  straight into the batch array (:func:`_assemble_canvas`).
+  Train (called with an ``rng``): ``num_frames`` frames at random; eval:
+  evenly spaced; both as :class:`HostAugmentation` picks them. Decoding
+  happens when the batch is assembled, straight into the batch array
+  (:func:`_assemble_canvas`).
   """
 
   def __init__(self, num_frames: int):
@@ -200,10 +196,7 @@ def _decode_into(out: np.ndarray, frame, clip) -> tuple[int, int]:
 def _assemble_canvas(rows: Sequence[dict], batch_size: int,
                      canvas: tuple[int, int]) -> dict:
   """The device-augmentation batch: frames decoded into one uint8 array."""
-  n = len(rows)
-  mask = np.zeros(batch_size, bool)
-  mask[:n] = True
-  rows = list(rows) + [rows[0]] * (batch_size - n)
+  rows, mask = pad_to_batch(rows, batch_size, rows[0])
   num_frames = len(rows[0]["frames"])
   visual = np.zeros((batch_size, num_frames) + tuple(canvas) + (3,), np.uint8)
   hw = np.empty((batch_size, num_frames, 2), np.int32)
@@ -218,11 +211,7 @@ def _assemble_canvas(rows: Sequence[dict], batch_size: int,
 
 
 def _collate(examples: Sequence[dict], batch_size: int) -> dict:
-  n = len(examples)
-  mask = np.zeros(batch_size, bool)
-  mask[:n] = True
-  pad = [examples[0]] * (batch_size - n)
-  rows = list(examples) + pad
+  rows, mask = pad_to_batch(examples, batch_size, examples[0])
   return {"inputs": {"audio": np.stack([r["audio"] for r in rows]),
                      "visual": np.stack([r["visual"] for r in rows])},
           "labels": np.array([r["label"] for r in rows], np.int32),
@@ -230,17 +219,17 @@ def _collate(examples: Sequence[dict], batch_size: int) -> dict:
 
 
 class _BatchLoader:
-  """Batch ``b`` of an epoch: its records read, transformed and assembled.
+  """Batch ``b`` of an epoch: its records read, prepared and assembled.
 
   grain maps this over batch indices, so its per-element bookkeeping runs
   once per batch (it costs ~0.2 ms per element, a quarter of the fast path).
   Picklable (no lambdas) for grain worker processes.
   """
 
-  def __init__(self, source, order, batch_size, transform, assemble,
+  def __init__(self, source, order, batch_size, per_example, assemble,
                shard=(0, 1)):
     self.source, self.order, self.batch_size = source, order, batch_size
-    self.transform, self.assemble = transform, assemble
+    self.per_example, self.assemble = per_example, assemble
     # This process's contiguous rows of every global batch.
     self.local = batch_size // shard[1]
     self.offset = shard[0] * self.local
@@ -253,9 +242,9 @@ class _BatchLoader:
       idx = self.order[:1]
     records = [self.source[int(i)] for i in idx]
     if rng is None:
-      rows = [self.transform(r) for r in records]
+      rows = [self.per_example(r) for r in records]
     else:
-      rows = [self.transform(r, rng) for r in records]
+      rows = [self.per_example(r, rng) for r in records]
     batch = self.assemble(rows, self.local)
     if empty:
       batch["mask"][:] = False
@@ -304,7 +293,7 @@ def batches(source, *, batch_size: int, train: bool, num_frames: int = 1,
                      "augment='device' frames are resized on the device and "
                      "normalised by the model.")
   if augment == "device" and canvas is None:
-    from arl_jax.data.av_datasets import frame_canvas
+    from arl_jax.data.prepared import frame_canvas
     canvas = frame_canvas(source)
   if train:   # a plain permutation: grain's index_shuffle costs ~1 ms/read
     order = np.random.default_rng([seed, epoch]).permutation(len(source))
@@ -313,17 +302,16 @@ def batches(source, *, batch_size: int, train: bool, num_frames: int = 1,
     order = np.arange(len(source))
     num_batches = -(-len(source) // batch_size)
   if augment == "device":
-    transform = FrameChoice(num_frames)
+    per_example = FrameChoice(num_frames)
     assemble = functools.partial(_assemble_canvas, canvas=tuple(canvas))
   else:
-    transform = (TrainTransform if train else EvalTransform)(
-        num_frames, image_size, normalize)
+    per_example = HostAugmentation(num_frames, image_size, normalize)
     assemble = _collate
   if not 0 <= shard_index < shard_count or batch_size % shard_count:
     raise ValueError(f"shard {shard_index} of {shard_count}: need 0 <= index "
                      f"< count and batch_size ({batch_size}) divisible by the "
                      "count.")
-  loader = _BatchLoader(source, order, batch_size, transform, assemble,
+  loader = _BatchLoader(source, order, batch_size, per_example, assemble,
                         (shard_index, shard_count))
   ds = grain.MapDataset.range(num_batches)
   if train:

@@ -4,8 +4,23 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from collections.abc import Mapping
+from collections.abc import Sequence
 
 import numpy as np
+
+
+def pad_to_batch(rows: Sequence, batch_size: int, fill) -> tuple[list, np.ndarray]:
+  """``rows`` padded with copies of ``fill`` to ``batch_size``, and the mask.
+
+  The mask is True on ``rows`` and False on the padding, so a last, short
+  batch keeps every batch's shape (no recompilation) and its padding is
+  never counted. Every batch of :func:`iterate_batches` and of the
+  audio-visual pipeline (:mod:`arl_jax.data.av_pipeline`) is made here.
+  """
+  n = len(rows)
+  mask = np.zeros(batch_size, bool)
+  mask[:n] = True
+  return list(rows) + [fill] * (batch_size - n), mask
 
 
 def iterate_batches(inputs: Mapping[str, np.ndarray], labels: np.ndarray,
@@ -29,10 +44,8 @@ def iterate_batches(inputs: Mapping[str, np.ndarray], labels: np.ndarray,
            else np.arange(n))
   stop = n - n % batch_size if drop_last else n
   for start in range(0, stop, batch_size):
-    idx = order[start:start + batch_size]
-    valid = np.ones(batch_size, bool)
-    if len(idx) < batch_size:
-      valid[len(idx):] = False
-      idx = np.concatenate([idx, np.full(batch_size - len(idx), order[0])])
+    idx, valid = pad_to_batch(order[start:start + batch_size], batch_size,
+                              order[0])
+    idx = np.asarray(idx)
     yield {"inputs": {m: x[idx] for m, x in inputs.items()},
            "labels": labels[idx], "mask": valid}

@@ -5,7 +5,7 @@ augment="device")``): the host only reads the record and decodes the sampled
 JPEG frames into a fixed zero-padded canvas ``[B, T, H_c, W_c, 3]`` (each
 frame's true size in ``batch["frame_hw"]``); :class:`FrameAugmentation`,
 traced into the train and eval steps (``make_train_step(...,
-batch_transform=aug.train)``), does on the device what the reference's
+preprocess=aug.train)``), does on the device what the reference's
 torchvision transforms do per sample on the host:
 
 * crop box (``RandomResizedCrop``): area fraction ``~ U(0.08, 1)``, log aspect
@@ -31,7 +31,7 @@ torchvision transforms do per sample on the host:
   preset of ``benchmarks.step`` measures it.
 
 Evaluation resizes the whole frame to ``n x n`` with the same filter, as the
-host :class:`arl_jax.data.av_pipeline.EvalTransform` does.
+host :class:`arl_jax.data.av_pipeline.HostAugmentation` does.
 """
 
 from __future__ import annotations
@@ -138,7 +138,7 @@ def _check(batch: Mapping[str, Any], modality: str, size_key: str):
 
 @dataclasses.dataclass(frozen=True)
 class FrameAugmentation:
-  """Batch transforms for the train and eval steps (see the module doc).
+  """The train and eval steps' ``preprocess`` (see the module doc).
 
   ``train(batch, rng)`` and ``eval(batch)`` take a batch from
   ``av_batches(..., augment="device")`` (uint8 canvas frames plus

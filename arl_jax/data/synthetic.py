@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Callable
 from collections.abc import Mapping
 from collections.abc import Sequence
@@ -52,20 +53,45 @@ def make_linear_gaussian(noise: Mapping[str, float], *, num_classes: int = 4,
   its inverse variance ``1 / sigma_m^2``. The Bayes accuracy is evaluated
   exactly on the drawn test split (the classifier is known in closed form).
 
-  With ``nonlinear=True`` each modality is observed through a fixed random
-  bijection, ``x_m = Q_m g(R_m z_m)`` with ``z_m`` the linear-Gaussian
-  sample, ``R_m, Q_m`` random rotations and ``g(u) = u + 0.9 sin(u)``
-  (strictly increasing). A bijection preserves the Bayes posterior, so the
-  Bayes accuracy is still exact (computed on ``z``), but no linear model
-  reaches it.
-
   Args:
     noise: ``{modality: sigma_m}``, K >= 2.
     num_classes: C.
     dim: feature dimension (one for all, or per modality).
     sizes: (train, validation, test) sizes.
     seed: seed of means and samples.
+    nonlinear: deprecated, use :func:`make_nonlinear_gaussian` (the same
+      problem).
   """
+  if nonlinear:
+    warnings.warn("make_linear_gaussian(nonlinear=True) is deprecated: use "
+                  "make_nonlinear_gaussian (the same problem).",
+                  DeprecationWarning, stacklevel=2)
+  return _gaussian_problem(noise, num_classes=num_classes, dim=dim,
+                           sizes=sizes, seed=seed, warped=nonlinear)
+
+
+def make_nonlinear_gaussian(noise: Mapping[str, float], *,
+                            num_classes: int = 4,
+                            dim: int | Mapping[str, int] = 8,
+                            sizes: Sequence[int] = (2048, 512, 2048),
+                            seed: int = 0) -> SyntheticProblem:
+  """The linear-Gaussian problem seen through a fixed random bijection.
+
+  ``x_m = Q_m g(R_m z_m)`` with ``z_m`` the sample of
+  :func:`make_linear_gaussian` (same arguments, same seed: the same draws),
+  ``R_m, Q_m`` random rotations and ``g(u) = u + 0.9 sin(u)`` (strictly
+  increasing). A bijection preserves the Bayes posterior, so the Bayes
+  accuracy is still exact (computed on ``z``), but no linear model reaches
+  it. Arguments as :func:`make_linear_gaussian`.
+  """
+  return _gaussian_problem(noise, num_classes=num_classes, dim=dim,
+                           sizes=sizes, seed=seed, warped=True)
+
+
+def _gaussian_problem(noise, *, num_classes, dim, sizes, seed, warped: bool
+                      ) -> SyntheticProblem:
+  """Both problems: the linear-Gaussian draws, then (``warped``) the
+  bijection's rotations, from one generator."""
   if len(noise) < 2:
     raise ValueError(f"need at least two modalities; got {list(noise)}.")
   for m, s in noise.items():
@@ -87,7 +113,7 @@ def make_linear_gaussian(noise: Mapping[str, float], *, num_classes: int = 4,
     d = x[m][:, None, :].astype(np.float64) - means[m][None]
     return -np.sum(d * d, axis=-1) / (2 * noise[m] ** 2)
 
-  if nonlinear:
+  if warped:
     rot = {m: (_rotation(rng, dims[m]), _rotation(rng, dims[m])) for m in noise}
 
     def warp(x):

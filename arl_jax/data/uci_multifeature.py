@@ -20,6 +20,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from arl_jax.data.splits import stratified_split
+
 VIEWS = {           # view name -> (file suffix, width)
     "fourier": ("fou", 76),
     "profile": ("fac", 216),
@@ -73,19 +75,6 @@ class MultiViewData:
   num_classes: int
   mean: dict
   std: dict
-
-
-def stratified_split(labels: np.ndarray, fractions: Sequence[float], seed: int
-                     ) -> list[np.ndarray]:
-  """Indices of a stratified split (each class divided by ``fractions``)."""
-  rng = np.random.default_rng(seed)
-  parts: list[list[int]] = [[] for _ in fractions]
-  for c in np.unique(labels):
-    idx = rng.permutation(np.flatnonzero(labels == c))
-    bounds = np.round(np.cumsum(fractions) * len(idx)).astype(int)
-    for i, (lo, hi) in enumerate(zip(np.r_[0, bounds[:-1]], bounds)):
-      parts[i].extend(idx[lo:hi])
-  return [np.sort(np.asarray(p, np.int64)) for p in parts]
 
 
 def load_uci_multifeature(views: Sequence[str] = tuple(VIEWS), *,

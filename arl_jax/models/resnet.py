@@ -18,6 +18,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from arl_jax import _imagenet
+
 conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 
@@ -104,8 +106,8 @@ class FrameEncoder(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     if x.dtype == jnp.uint8:
-      mean = jnp.array([0.485, 0.456, 0.406], jnp.float32)
-      std = jnp.array([0.229, 0.224, 0.225], jnp.float32)
+      mean = jnp.array(_imagenet.MEAN, jnp.float32)
+      std = jnp.array(_imagenet.STD, jnp.float32)
       x = (x.astype(jnp.float32) / 255.0 - mean) / std
     b, t = x.shape[:2]
     z = ResNet18(dtype=self.dtype, name="resnet")(

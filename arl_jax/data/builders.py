@@ -16,16 +16,15 @@ its header declares) or an unknown label raises :class:`DataError` naming the
 file; with ``skip_invalid=True`` such clips are skipped instead and listed in
 ``prepare_report.json`` next to the prepared data (:func:`prepare`). A
 damaged prepared file (array_record) raises :class:`DataError` naming it when
-it is read (:func:`load_prepared`).
+it is read (:func:`arl_jax.data.prepared.load_prepared`).
+
+The clip lists and folder layouts are in :mod:`arl_jax.data.layouts`, the
+storage format and its reader in :mod:`arl_jax.data.prepared`.
 """
 
 from __future__ import annotations
 
-import bisect
-import csv
-import dataclasses
 import io
-import itertools
 import json
 import os
 import pathlib
@@ -35,89 +34,21 @@ from collections.abc import Sequence
 import numpy as np
 
 from arl_jax.data import audio as audio_lib
+from arl_jax.data import prepared
+from arl_jax.data.layouts import AV_DATA_SETS
+from arl_jax.data.layouts import AVE_CLASSES
+from arl_jax.data.layouts import CREMA_D_CLASSES
+from arl_jax.data.layouts import Clip
+from arl_jax.data.layouts import DataError
+from arl_jax.data.layouts import layout_error
+from arl_jax.data.layouts import missing_entries
+from arl_jax.data.layouts import read_list
+from arl_jax.data.layouts import stratified_holdout
 
 try:  # TFDS is an optional dependency (the `data` extra).
   import tensorflow_datasets as tfds
 except ImportError:  # pragma: no cover
   tfds = None
-
-
-class DataError(ValueError):
-  """Bad input data; the message names the file and the problem."""
-
-
-CREMA_D_CLASSES = ("NEU", "HAP", "SAD", "FEA", "DIS", "ANG")
-AVE_CLASSES = (
-    "Church bell", "Male speech, man speaking", "Bark",
-    "Fixed-wing aircraft, airplane", "Race car, auto racing",
-    "Female speech, woman speaking", "Helicopter", "Violin, fiddle", "Flute",
-    "Ukulele", "Frying (food)", "Truck", "Shofar", "Motorcycle",
-    "Acoustic guitar", "Train horn", "Clock", "Banjo", "Goat",
-    "Baby cry, infant cry", "Bus", "Chainsaw", "Cat", "Horse", "Toilet flush",
-    "Rodents, rats", "Accordion", "Mandolin")
-
-
-@dataclasses.dataclass(frozen=True)
-class Clip:
-  clip_id: str
-  label: str
-  audio: pathlib.Path
-  frames: pathlib.Path
-  group: str = ""          # e.g. CREMA-D actor, for group-disjoint splits
-  listed: str = ""         # where the clip is listed: "<file>, line <n>"
-
-
-def _read_list(path: pathlib.Path) -> list[tuple[str, str, str]]:
-  """``(clip, label, "<path>, line <n>")`` of each "clip,label" line."""
-  if not path.is_file():
-    raise DataError(f"split list {path} does not exist.")
-  rows = []
-  with open(path, newline="") as f:
-    for n, row in enumerate(csv.reader(f), 1):
-      if not row or not row[0].strip():
-        continue
-      if len(row) < 2:
-        raise DataError(f"{path}, line {n}: expected 'clip,label'; got {row}.")
-      rows.append((row[0].strip(), row[1].strip(), f"{path}, line {n}"))
-  return rows
-
-
-def _missing(root: pathlib.Path, layout) -> list[str]:
-  """The entries of ``layout`` (``name/`` a folder, else a file) not in root."""
-  missing = []
-  for name, _ in layout:
-    path = root / name.rstrip("/")
-    if not (path.is_dir() if name.endswith("/") else path.is_file()):
-      missing.append(name)
-  return missing
-
-
-def layout_error(title: str, root: pathlib.Path, layout, missing) -> DataError:
-  """The error for a folder without a data set's layout: what it needs."""
-  need = "\n".join(f"  {name:<14} {what}" for name, what in layout)
-  return DataError(
-      f"data root {root} does not have the {title} layout: missing "
-      f"{', '.join(missing)}. It must hold:\n{need}\n(the arl_jax README's "
-      "layout table; arl_jax.data.fixtures writes tiny examples).")
-
-
-def stratified_holdout(clips: Sequence[Clip], fraction: float, seed: int
-                       ) -> tuple[list[Clip], list[Clip]]:
-  """Splits ``clips`` into (rest, held out), ``fraction`` of each class held out."""
-  rng = np.random.default_rng(seed)
-  rest, held = [], []
-  labels = sorted({c.label for c in clips})
-  for label in labels:
-    group = sorted((c for c in clips if c.label == label),
-                   key=lambda c: c.clip_id)
-    order = rng.permutation(len(group))
-    k = int(round(fraction * len(group)))
-    if len(group) >= 2:
-      k = max(k, 1)           # every class represented in both parts
-    held += [group[i] for i in order[:k]]
-    rest += [group[i] for i in order[k:]]
-  return (sorted(rest, key=lambda c: c.clip_id),
-          sorted(held, key=lambda c: c.clip_id))
 
 
 def _encode_frame(path: pathlib.Path, frame_size: int | None
@@ -180,7 +111,7 @@ if tfds is not None:
     @classmethod
     def check_layout(cls, root: pathlib.Path) -> None:
       """Raises :class:`DataError` (what is needed) if ``root`` lacks LAYOUT."""
-      missing = _missing(pathlib.Path(root), cls.LAYOUT)
+      missing = missing_entries(pathlib.Path(root), cls.LAYOUT)
       if missing:
         raise layout_error(cls.TITLE, pathlib.Path(root), cls.LAYOUT, missing)
 
@@ -323,8 +254,8 @@ if tfds is not None:
                      root / "Image-01-FPS" / c, group=c.split("_")[0],
                      listed=where)
                 for c, label, where in rows]
-      train = clips(_read_list(root / "train.csv"))
-      test = clips(_read_list(root / "test.csv"))
+      train = clips(read_list(root / "train.csv"))
+      test = clips(read_list(root / "test.csv"))
       if not self.actor_disjoint:
         return {"train": train, "test": test}
       everyone = sorted(train + test, key=lambda c: c.clip_id)
@@ -380,7 +311,7 @@ if tfds is not None:
           continue
         out[split] = [Clip(c, label, root / "audio" / f"{c}.wav",
                            root / "frames" / c, listed=where)
-                      for c, label, where in _read_list(path)]
+                      for c, label, where in read_list(path)]
       return out
 
   class AVE(AudioVisualBuilder, skip_registration=True):
@@ -428,7 +359,7 @@ if tfds is not None:
         out[split] = clips
       return out
 
-  BUILDERS = {"crema_d": CremaD, "kinetics_sounds": KineticsSounds, "ave": AVE}
+  BUILDERS = dict(zip(AV_DATA_SETS, (CremaD, KineticsSounds, AVE)))
 else:  # pragma: no cover
   BUILDERS = {}
 
@@ -462,7 +393,7 @@ def prepare(name: str, manual_dir: str | os.PathLike, data_dir: str | os.PathLik
   if not manual_dir.is_dir():
     raise DataError(f"data root {manual_dir} does not exist.")
   cls = BUILDERS[name]
-  missing = _missing(manual_dir, cls.LAYOUT)
+  missing = missing_entries(manual_dir, cls.LAYOUT)
   try:
     builder = cls(data_dir=os.fspath(data_dir), file_format="array_record",
                   manual_dir=manual_dir, skip_invalid=skip_invalid,
@@ -475,228 +406,8 @@ def prepare(name: str, manual_dir: str | os.PathLike, data_dir: str | os.PathLik
     raise layout_error(cls.TITLE, manual_dir, cls.LAYOUT, missing)
   builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
       manual_dir=os.fspath(manual_dir)))
-  store_uncompressed(builder.data_dir)
+  prepared.store_uncompressed(builder.data_dir)
   if builder.skipped:
     report = pathlib.Path(builder.data_dir) / "prepare_report.json"
     report.write_text(json.dumps({"skipped": builder.skipped}, indent=1))
   return builder
-
-
-_UNCOMPRESSED_MARK = ".records_uncompressed"
-
-
-def store_uncompressed(path: str | os.PathLike) -> None:
-  """Rewrites a prepared data set's array_record shards without compression.
-
-  TFDS writes array_record with the format's default (brotli) compression.
-  The records here are float32 spectrograms and JPEGs, both close to
-  incompressible (about 10% smaller), yet decompressing costs ~0.3 ms per
-  random read, as much as the rest of reading a sample. Each shard is
-  rewritten record by record in the same order (to a temporary file, then
-  renamed), so TFDS reads it unchanged; a marker file makes this a no-op the
-  second time.
-  """
-  from array_record.python import array_record_module as ar
-  path = pathlib.Path(path)
-  if (path / _UNCOMPRESSED_MARK).exists():
-    return
-  for shard in sorted(path.glob("*.array_record-*")):
-    if shard.name.endswith(".tmp"):
-      continue
-    reader = ar.ArrayRecordReader(os.fspath(shard))
-    tmp = shard.with_name(shard.name + ".tmp")
-    writer = ar.ArrayRecordWriter(os.fspath(tmp), "group_size:1,uncompressed")
-    try:
-      for start in range(0, reader.num_records(), 256):
-        stop = min(start + 256, reader.num_records())
-        for record in reader.read(list(range(start, stop))):
-          writer.write(record)
-    finally:
-      writer.close()
-      reader.close()
-    os.replace(tmp, shard)
-  (path / _UNCOMPRESSED_MARK).write_text("group_size:1,uncompressed\n")
-
-
-def frame_canvas(source) -> tuple[int, int]:
-  """(height, width) of the largest stored frame of a prepared source."""
-  info = getattr(source, "dataset_info", None)
-  metadata = getattr(info, "metadata", None) or {}
-  hw = metadata.get("frame_hw_max")
-  if not hw:
-    raise DataError(
-        "this prepared data set does not record its largest frame "
-        "(metadata frame_hw_max, builder version >= 1.1.0): prepare it again "
-        "with this version of arl_jax, or pass canvas=(height, width).")
-  return int(hw[0]), int(hw[1])
-
-
-def _shards(dataset_info, split) -> list:
-  """TFDS's file instructions of a split: its files and their record counts."""
-  return list(dataset_info.splits[split].file_instructions)
-
-
-def _damaged(filename, version_dir, error) -> DataError:
-  return DataError(
-      f"prepared data file {filename} is damaged or unreadable ({error}). "
-      f"Delete the prepared data set {version_dir} and prepare it again "
-      "(arl_jax.data.prepare, or rerun the training, which prepares it).")
-
-
-def _check_shards(dataset_info, version_dir) -> None:
-  """Each split's files exist, open and hold the records TFDS lists.
-
-  Cheap (an array_record file's index is read, not its records): catches a
-  missing or cut file up front; damage inside a record is caught when it is
-  read (:class:`_NamedReads`).
-  """
-  from array_record.python import array_record_module as ar
-  for split in dataset_info.splits:
-    for shard in _shards(dataset_info, split):
-      filename = os.fspath(shard.filename)
-      try:
-        reader = ar.ArrayRecordReader(filename)
-        try:
-          count = reader.num_records()
-        finally:
-          reader.close()
-      except Exception as e:  # riegeli raises RuntimeError/OSError/ValueError
-        raise _damaged(filename, version_dir, e) from None
-      if count != shard.examples_in_shard:
-        raise _damaged(filename, version_dir,
-                       f"{count} records, {shard.examples_in_shard} expected")
-
-
-class _NamedReads:
-  """A TFDS data source whose read errors name the damaged file.
-
-  The array_record reader reports damage (e.g. "chunk data hash mismatch")
-  without the file; this finds the split's file holding the record and
-  raises :class:`DataError` naming it and what to do. The message holds the
-  reader's own error (``from None``: one exception, also through grain).
-  """
-
-  def __init__(self, source, dataset_info, split):
-    self._source, self._len = source, len(source)
-    shards = _shards(dataset_info, split)
-    self._files = [os.fspath(s.filename) for s in shards]
-    self._ends = list(itertools.accumulate(s.take for s in shards))
-    self._dir = dataset_info.data_dir
-
-  def __len__(self) -> int:
-    return self._len
-
-  def _error(self, i, e) -> DataError:
-    k = min(bisect.bisect_right(self._ends, int(i)), len(self._files) - 1)
-    return _damaged(self._files[k], self._dir, f"record {i}: {e}")
-
-  def __getitem__(self, i):
-    if not 0 <= i.__index__() < self._len:
-      raise IndexError(f"record {i} of {self._len}")
-    try:
-      return self._source[i]
-    except Exception as e:
-      raise self._error(i, e) from None
-
-  def __getitems__(self, keys):
-    try:
-      return self._source.__getitems__(keys)
-    except Exception:   # which record: read them one at a time
-      return [self[k] for k in keys]
-
-  def __iter__(self):
-    for i in range(len(self)):
-      yield self[i]
-
-  def __getattr__(self, name):   # dataset_info, split, ... of the source
-    if name.startswith("_"):
-      raise AttributeError(name)
-    return getattr(self._source, name)
-
-  def __repr__(self) -> str:
-    return repr(self._source)
-
-
-class PreparedSource:
-  """One split of a prepared data set, read record by record (random access).
-
-  ``source[i]`` is ``{"audio": float32 [257, T], "frames": [JPEG bytes, ...],
-  "label": int, "clip_id": bytes}``. Records are read as raw bytes
-  (``DeserializeMethod.RAW_BYTES``, a public TFDS option) and the four
-  features taken straight from the ``tf.train.Example`` proto: the same
-  values TFDS's own decoding gives (tested), for ~20 us instead of ~0.4 ms
-  per record of generic per-feature Python. ``dataset_info`` is the TFDS
-  ``DatasetInfo``. A damaged file raises :class:`DataError` naming it.
-  """
-
-  def __init__(self, raw_source, dataset_info, split=None):
-    split = split if split is not None else raw_source.split
-    self._raw = _NamedReads(raw_source, dataset_info, split)
-    self.dataset_info = dataset_info
-    self._audio_shape = tuple(dataset_info.features["audio"].shape)
-
-  @staticmethod
-  def _parse_proto(record: bytes):
-    from tensorflow_datasets.proto import tf_example_pb2
-    return tf_example_pb2.Example.FromString(record)
-
-  def __len__(self) -> int:
-    return len(self._raw)
-
-  def _parse(self, record: bytes) -> dict:
-    f = self._parse_proto(record).features.feature
-    audio = np.frombuffer(f["audio"].bytes_list.value[0], np.float32)
-    return {"audio": audio.reshape(self._audio_shape),
-            "frames": list(f["frames"].bytes_list.value),
-            "label": int(f["label"].int64_list.value[0]),
-            "clip_id": f["clip_id"].bytes_list.value[0]}
-
-  def __getitem__(self, i) -> dict:
-    return self._parse(self._raw[i])
-
-  def __getitems__(self, keys) -> list[dict]:
-    return [self._parse(r) for r in self._raw.__getitems__(keys)]
-
-  def __repr__(self) -> str:
-    return (f"PreparedSource({self.dataset_info.name}, {len(self)} records, "
-            f"{self.dataset_info.data_dir})")
-
-
-_FEATURES = ("audio", "clip_id", "frames", "label")
-
-
-def load_prepared(path: str | os.PathLike, *, decode_frames: bool = False
-                  ) -> dict:
-  """``{split: random-access source}`` of a prepared data set (no TensorFlow).
-
-  ``path`` is the version folder TFDS wrote, e.g.
-  ``<data_dir>/crema_d/standard/1.1.0`` (``builder.data_dir``). Frames come
-  back JPEG-encoded (``bytes``, a :class:`PreparedSource`) unless
-  ``decode_frames`` (TFDS's own decoding: uint8 arrays, all frames): the
-  pipeline decodes only the frames it samples.
-
-  Every file is checked to open and hold its records (cheap: the files'
-  indices are read); a damaged record raises :class:`DataError` naming the
-  file when it is read. Either error says to delete ``path`` and prepare the
-  data set again.
-  """
-  if tfds is None:
-    raise ImportError("reading prepared data needs tensorflow-datasets.")
-  path = pathlib.Path(path)
-  if not (path / "dataset_info.json").is_file():
-    raise DataError(f"{path} is not a prepared data set (no "
-                    "dataset_info.json); run arl_jax.data.prepare first.")
-  builder = tfds.builder_from_directory(os.fspath(path))
-  _check_shards(builder.info, path)
-  if decode_frames:
-    return {split: _NamedReads(source, builder.info, split)
-            for split, source in builder.as_data_source().items()}
-  features = sorted(builder.info.features.keys())
-  if features != sorted(_FEATURES):
-    raise DataError(f"{path} holds features {features}, not those of an "
-                    f"arl_jax audio-visual data set {sorted(_FEATURES)}.")
-  raw = builder.as_data_source(
-      deserialize_method=tfds.decode.DeserializeMethod.RAW_BYTES)
-  return {split: PreparedSource(source, builder.info, split)
-          for split, source in raw.items()}
-

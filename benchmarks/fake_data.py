@@ -1,12 +1,13 @@
 """Tiny fake copies of the audio-visual data sets, in their real layouts.
 
-For tests, benchmarks and trying the pipeline without the real data: short
-WAV files (16 kHz, 16-bit PCM, a class-dependent tone plus noise) and small
-JPEG frames: ``style="noise"`` (a class-dependent colour plus strong pixel
-noise: the worst case for JPEG, ~5x the bytes of a real frame) or
-``style="scene"`` (a smooth background, a face-like shape whose mouth depends
-on the class, light blur and sensor-like noise: compresses like a real video
-frame, ~20 KB at 480x360).
+For the tests and the benchmarks, and for trying the pipeline without the
+real data (not installed with arl_jax: from a clone, ``from benchmarks
+import fake_data``): short WAV files (16 kHz, 16-bit PCM, a class-dependent
+tone plus noise) and small JPEG frames: ``style="noise"`` (a class-dependent
+colour plus strong pixel noise: the worst case for JPEG, ~5x the bytes of a
+real frame) or ``style="scene"`` (a smooth background, a face-like shape
+whose mouth depends on the class, light blur and sensor-like noise:
+compresses like a real video frame, ~20 KB at 480x360).
 """
 
 from __future__ import annotations
@@ -15,8 +16,8 @@ import pathlib
 
 import numpy as np
 
-from arl_jax.data.av_datasets import AVE_CLASSES
-from arl_jax.data.av_datasets import CREMA_D_CLASSES
+from arl_jax.data.layouts import AVE_CLASSES
+from arl_jax.data.layouts import CREMA_D_CLASSES
 
 
 def write_wav(path: pathlib.Path, seconds: float, label: int, rng,

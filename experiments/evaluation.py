@@ -1,0 +1,188 @@
+"""Evaluation of a trained state: exact metrics of a split, the per-epoch
+record, fusion weights fitted on held-out rows, and the encoders' features of
+a split (linear probes, epoch hooks)."""
+
+from __future__ import annotations
+
+import functools
+import math
+import pathlib
+
+import jax
+import numpy as np
+
+import arl_jax
+from arl_jax import data as data_lib
+from experiments import diagnostics
+from experiments.input_pipeline import Data
+
+
+def macro_f1(predictions: np.ndarray, labels: np.ndarray, num_classes: int
+             ) -> float:
+  f1 = []
+  for c in range(num_classes):
+    tp = np.sum((predictions == c) & (labels == c))
+    fp = np.sum((predictions == c) & (labels != c))
+    fn = np.sum((predictions != c) & (labels == c))
+    if tp + fp + fn == 0:
+      continue
+    f1.append(2 * tp / (2 * tp + fp + fn))
+  return float(np.mean(f1)) if f1 else 0.0
+
+
+def evaluate(eval_step, state, batches, num_classes, *, logits: bool = False
+             ) -> dict:
+  """Exact metrics of a split (every row once); ``log_probs`` per row, and
+  with ``logits`` the fused and unimodal logits too.
+
+  ``eval_step(state, batch) -> host dict`` (the data-parallel step of
+  :mod:`experiments.distributed`: sums over the global batch, per-row
+  outputs of every row in order).
+  """
+  correct = count = 0.0
+  uni: dict[str, float] = {}
+  preds, labels, log_probs, fused, unimodal = [], [], [], [], []
+  for batch in batches():
+    out = eval_step(state, batch)
+    correct += float(out["correct"])
+    count += float(out["count"])
+    for m, v in out["unimodal_correct"].items():
+      uni[m] = uni.get(m, 0.0) + float(v)
+    valid = np.asarray(out["valid"])
+    preds.append(np.asarray(out["predictions"])[valid])
+    labels.append(np.asarray(out["labels"])[valid])
+    f = np.asarray(out["fused_logits"])[valid]
+    log_probs.append(f - np.logaddexp.reduce(f, axis=-1, keepdims=True))
+    if logits:
+      fused.append(f)
+      unimodal.append({m: np.asarray(v)[valid]
+                       for m, v in out["unimodal_logits"].items()})
+  p, y = np.concatenate(preds), np.concatenate(labels)
+  result = {"accuracy": correct / max(count, 1.0),
+            "macro_f1": macro_f1(p, y, num_classes), "count": int(count),
+            "unimodal_accuracy": {m: v / max(count, 1.0)
+                                  for m, v in uni.items()},
+            "log_probs": np.concatenate(log_probs), "labels": y}
+  if logits:
+    result["fused_logits"] = np.concatenate(fused)
+    result["unimodal_logits"] = {m: np.concatenate([u[m] for u in unimodal])
+                                 for m in unimodal[0]}
+  return result
+
+
+def encoder_distance(initial, final, modalities) -> dict[str, float]:
+  """``||theta_m(final) - theta_m(initial)||`` per encoder (how far it moved)."""
+  labels = arl_jax.label_modalities(modalities)(initial)
+  sq = dict.fromkeys(modalities, 0.0)
+  for a, b, m in zip(jax.tree.leaves(initial), jax.tree.leaves(final),
+                     jax.tree.leaves(labels)):
+    if m in sq:
+      sq[m] += float(np.sum((np.asarray(b, np.float64) - a) ** 2))
+  return {m: float(np.sqrt(v)) for m, v in sq.items()}
+
+
+def _ratio(a: float, b: float) -> float:
+  return a / b if b else math.nan
+
+
+def epoch_record(epoch, train, val, test, lr, modalities) -> dict:
+  ref = modalities[-1]
+  q, s = train["q"], train["s"]
+  return {
+      "epoch": epoch, "lr": float(lr),
+      "train_loss": train["loss"], "train_accuracy": train["accuracy"],
+      "train_unimodal_accuracy": train["unimodal_accuracy"],
+      "q": q, "s": s, "a": train["a"], "scale": train["scale"],
+      "warmup": train["warmup"], "update_skipped": train["update_skipped"],
+      # Fig. 3 of the paper: the dependency ratio s_m / s_ref against the
+      # inverse-variance ratio q_m / q_ref (ref: the last modality).
+      "dependency_ratio": {m: _ratio(s[m], s[ref]) for m in modalities
+                           if m != ref},
+      "inverse_variance_ratio": {m: _ratio(q[m], q[ref]) for m in modalities
+                                 if m != ref},
+      "val_accuracy": val["accuracy"], "val_macro_f1": val["macro_f1"],
+      "val_unimodal_accuracy": val["unimodal_accuracy"],
+      "test_accuracy": test["accuracy"], "test_macro_f1": test["macro_f1"],
+      # Rows each evaluation counted (every row of the split exactly once).
+      "val_count": val["count"], "test_count": test["count"],
+  }
+
+
+def weighted_evaluation(eval_step, state, data: Data, val: dict,
+                        test: dict, batch_size: int) -> dict:
+  """Validation/test accuracy with fusion weights fitted on held-out rows.
+
+  ``val`` and ``test`` are this epoch's evaluations with their logits; the
+  weighted fused prediction is recomputed from them, not from the model.
+  """
+  hx, hy = data.heldout
+  held = evaluate(eval_step, state, functools.partial(
+      data_lib.iterate_batches, hx, hy, batch_size), data.num_classes,
+      logits=True)
+  weightings = diagnostics.fusion_weightings(held["fused_logits"],
+                                             held["unimodal_logits"],
+                                             held["labels"])
+  out = {}
+  for name, weights in weightings.items():
+    acc = {}
+    for split, r in (("val", val), ("test", test)):
+      # p_0 + sum_m w_m (p_m - p_0), p_0 = (sum_m p_m - p_f) / (K - 1), on
+      # the host (arl_jax.fusion_weighting.weighted_fusion_logits on device).
+      uni = r["unimodal_logits"]
+      bias = (sum(uni.values()) - r["fused_logits"]) / (len(uni) - 1)
+      fused = bias + sum(weights[m] * (z - bias) for m, z in uni.items())
+      acc[split] = float(np.mean(np.argmax(fused, -1) == r["labels"]))
+    out[name] = {"weights": weights, "val_accuracy": acc["val"],
+                 "test_accuracy": acc["test"]}
+  return out
+
+
+def true_class_variance(r: dict) -> dict[str, float]:
+  out = {}
+  for m, z in r["unimodal_logits"].items():
+    logp = z - np.logaddexp.reduce(z, axis=-1, keepdims=True)
+    out[m] = float(np.var(np.exp(logp[np.arange(len(r["labels"])),
+                                      r["labels"]])))
+  return out
+
+
+def save_predictions(workdir: pathlib.Path, val: dict, test: dict) -> None:
+  """Validation and test log-probabilities of the best-validation epoch
+  (late-fusion ensembles of runs are built from these)."""
+  tmp = workdir / "predictions.tmp.npz"
+  np.savez(tmp, **{f"{split}_{k}": r[k] for split, r in
+                   (("validation", val), ("test", test))
+                   for k in ("log_probs", "labels")})
+  tmp.replace(workdir / "predictions.npz")
+
+
+def split_features(feature_fn, host_state, data: Data, split: str,
+                   chunk: int = 1024, *, eval_preprocess=None):
+  """``({modality: features}, labels)`` of every row of ``split``, in
+  evaluation mode: ``"train"`` or ``"validation"``, never the test split.
+
+  In-memory sources: the split's arrays, ``chunk`` rows at a time.
+  Audio-visual sources: the split's evaluation batches (``"train"``:
+  ``data.train_eval``, no augmentation), each through ``eval_preprocess``
+  (``data.eval_preprocess``, jitted) where given, padding rows dropped.
+  """
+  if split not in ("train", "validation"):
+    raise ValueError(f"an epoch hook reads the 'train' or 'validation' split, "
+                     f"never {split!r}.")
+  if data.splits is not None:
+    x, y = data.splits[split]
+    parts = [jax.device_get(feature_fn(host_state, {
+        m: v[i:i + chunk] for m, v in x.items()}))
+             for i in range(0, len(y), chunk)]
+    return {m: np.concatenate([p[m] for p in parts]) for m in parts[0]}, y
+  batches = data.train_eval if split == "train" else data.evaluate[split]
+  parts, labels = [], []
+  for batch in batches():
+    inputs = (batch if eval_preprocess is None
+              else eval_preprocess(batch))["inputs"]
+    keep = np.asarray(batch["mask"], bool)
+    feats = jax.device_get(feature_fn(host_state, inputs))
+    parts.append({m: np.asarray(v)[keep] for m, v in feats.items()})
+    labels.append(np.asarray(batch["labels"])[keep])
+  return ({m: np.concatenate([p[m] for p in parts]) for m in parts[0]},
+          np.concatenate(labels))
