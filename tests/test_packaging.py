@@ -51,6 +51,12 @@ def test_library_imports_and_trains_without_the_extras():
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory):
+  # Built offline with this environment's setuptools (the SPDX license
+  # field needs >= 77; `make` installs it).
+  import setuptools
+  if int(setuptools.__version__.split(".")[0]) < 77:
+    pytest.fail(f"setuptools {setuptools.__version__} cannot build this "
+                "pyproject (needs >= 77): pip install 'setuptools>=77'.")
   out = tmp_path_factory.mktemp("wheel")
   proc = subprocess.run(
       [sys.executable, "-m", "pip", "wheel", "--no-deps",
