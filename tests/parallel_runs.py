@@ -49,3 +49,21 @@ def run_jit(steps: int, devices=None):
   traces = []
   result = dp.run_jit(steps, devices, wrap_step=_counting(traces))
   return result, len(traces)
+
+
+def run_steps(state, step, batches, mode: str, devices):
+  """``step`` (built with ``axis_name="batch"`` for pmap, None for jit) over
+  ``batches`` on ``devices``; the final state and metrics on the host."""
+  n = len(devices)
+  if mode == "pmap":
+    pstep = parallel.pmap_train_step(step, "batch", devices)
+    state = parallel.replicate(state, devices, "batch")
+    for b in batches:
+      state, metrics = pstep(state, parallel.shard_batch(b, n))
+    return parallel.unreplicate(state), parallel.unreplicate(metrics)
+  mesh = parallel.data_mesh(devices)
+  jstep = parallel.jit_train_step(step, mesh)
+  state = parallel.replicate_on_mesh(state, mesh)
+  for b in batches:
+    state, metrics = jstep(state, parallel.global_batch(b, mesh))
+  return parallel.fetch((state, metrics))

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import parallel_runs
 import pytest
 from test_train_step import labels_of
 from test_train_step import user_model_apply
@@ -89,19 +90,7 @@ def test_uneven_valid_rows_per_device_equal_one_device(method, mode):
   devices = jax.devices()[:4]
   st, pstep = _setup(method, axis_name="batch" if mode == "pmap" else None,
                      adam=True)
-  if mode == "pmap":
-    pstep = parallel.pmap_train_step(pstep, "batch", devices)
-    st = parallel.replicate(st, devices, "batch")
-    for b in batches:
-      st, metrics = pstep(st, parallel.shard_batch(b, 4))
-    st, metrics = parallel.unreplicate(st), parallel.unreplicate(metrics)
-  else:
-    mesh = parallel.data_mesh(devices)
-    jstep = parallel.jit_train_step(pstep, mesh)
-    st = parallel.replicate_on_mesh(st, mesh)
-    for b in batches:
-      st, metrics = jstep(st, parallel.global_batch(b, mesh))
-    st, metrics = parallel.fetch((st, metrics))
+  st, metrics = parallel_runs.run_steps(st, pstep, batches, mode, devices)
   # Parameters, the Adam moments and OGM-GE's noise key all agree.
   jax.tree.map(close, jax.device_get(st.params), jax.device_get(state.params))
   jax.tree.map(close, jax.device_get(st.opt_state),
@@ -159,19 +148,7 @@ def _pmr_runs(mode):
     state, ref_metrics = one(state, b)
   devices = jax.devices()[:4]
   st, pstep = _pmr_setup(axis_name="batch" if mode == "pmap" else None)
-  if mode == "pmap":
-    pstep = parallel.pmap_train_step(pstep, "batch", devices)
-    st = parallel.replicate(st, devices, "batch")
-    for b in batches:
-      st, metrics = pstep(st, parallel.shard_batch(b, 4))
-    st, metrics = parallel.unreplicate(st), parallel.unreplicate(metrics)
-  else:
-    mesh = parallel.data_mesh(devices)
-    jstep = parallel.jit_train_step(pstep, mesh)
-    st = parallel.replicate_on_mesh(st, mesh)
-    for b in batches:
-      st, metrics = jstep(st, parallel.global_batch(b, mesh))
-    st, metrics = parallel.fetch((st, metrics))
+  st, metrics = parallel_runs.run_steps(st, pstep, batches, mode, devices)
   return jax.device_get((state, ref_metrics, st, metrics))
 
 

@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import parallel_runs
 import pytest
 
 import arl_jax
@@ -245,19 +246,7 @@ def test_data_parallel_equals_one_device(mode):
     state, ref = one(state, b)
   devices = jax.devices()[:4]
   st, pstep = make(method, names, axis_name="batch" if mode == "pmap" else None)
-  if mode == "pmap":
-    pstep = parallel.pmap_train_step(pstep, "batch", devices)
-    st = parallel.replicate(st, devices, "batch")
-    for b in batches:
-      st, metrics = pstep(st, parallel.shard_batch(b, 4))
-    st, metrics = parallel.unreplicate(st), parallel.unreplicate(metrics)
-  else:
-    mesh = parallel.data_mesh(devices)
-    jstep = parallel.jit_train_step(pstep, mesh)
-    st = parallel.replicate_on_mesh(st, mesh)
-    for b in batches:
-      st, metrics = jstep(st, parallel.global_batch(b, mesh))
-    st, metrics = parallel.fetch((st, metrics))
+  st, metrics = parallel_runs.run_steps(st, pstep, batches, mode, devices)
   close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
   jax.tree.map(close, jax.device_get(st.params), jax.device_get(state.params))
   jax.tree.map(close, jax.device_get(st.method_state),
