@@ -53,6 +53,7 @@ from arl_jax.methods import UnimodalRegularisation
 from arl_jax.methods import make_method
 from arl_jax.methods import method_names
 from arl_jax.methods import register_method
+from arl_jax.modality_values import ModalityValues
 from arl_jax.statistics import DEFAULT_ENTROPY_FLOOR
 from arl_jax.statistics import ModalityStatistics
 from arl_jax.statistics import entropy
@@ -98,6 +99,7 @@ __all__ = [
     "LossContext",
     "MLA",
     "MMPareto",
+    "ModalityValues",
     "Method",
     "ModalityStatistics",
     "Modulation",

@@ -38,6 +38,7 @@ from arl_jax import statistics as stats_lib
 from arl_jax.labels import label_modalities
 from arl_jax.methods import Method
 from arl_jax.methods.base import LossContext
+from arl_jax.modality_values import stack_per_modality
 from arl_jax.transforms import ScaleByModalityState
 
 Array = jax.Array
@@ -268,7 +269,11 @@ def make_train_step(apply_fn: ApplyFn, tx: optax.GradientTransformation,
     ``scale``, ``unimodal_loss``, ``unimodal_accuracy``, ``nonfinite_rows``
     (the paper's symbols: ``q`` the inverse-variance estimate, ``s`` the
     optimisation dependency, ``a`` the method's coefficient; see
-    ``_per_modality_metrics``).
+    ``_per_modality_metrics``). Each per-modality mapping is an
+    :class:`arl_jax.ModalityValues`: read it as a dict, stored as one array
+    over the sorted modalities (one output of the step per metric);
+    :func:`arl_jax.modality_values.as_dicts` turns the metrics into plain
+    dicts.
   """
   preprocess = _renamed(preprocess, batch_transform, "make_train_step")
   _check_int(warmup_steps, "warmup_steps", 0)
@@ -558,21 +563,28 @@ def make_train_step(apply_fn: ApplyFn, tx: optax.GradientTransformation,
       if modulation.noise is not None:
         extra["modality_noise"] = {m: jnp.where(in_warmup, 0.0, v)
                                    for m, v in modulation.noise.items()}
-      updates, opt_state = tx.update(grads, state.opt_state, state.params,
-                                     **extra)
-      params = optax.apply_updates(state.params, updates)
-
       grad_norm = optax.tree.norm(grads)
       # One reduction instead of one per leaf: the norm is finite iff every
       # gradient entry is (barring a norm that overflows, i.e. > 3e38).
       ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+
+      def take_step():
+        updates, opt_state = tx.update(grads, state.opt_state, state.params,
+                                       **extra)
+        return (optax.apply_updates(state.params, updates), opt_state,
+                new_model_state, method_state)
+
       if skip_nonfinite_updates:
-        keep = lambda new, old: jax.tree.map(
-            lambda n, o: jnp.where(ok, n, o), new, old)
-        params = keep(params, state.params)
-        opt_state = keep(opt_state, state.opt_state)
-        new_model_state = keep(new_model_state, state.model_state)
-        method_state = keep(method_state, state.method_state)
+        # A conditional, not a select per leaf between the new and the old
+        # value: with the state donated, the selects made XLA copy every
+        # parameter and optimiser leaf first (each new value needs the old
+        # one after it is overwritten), and the skipped branch does no
+        # optimiser work.
+        params, opt_state, new_model_state, method_state = jax.lax.cond(
+            ok, take_step, lambda: (state.params, state.opt_state,
+                                    state.model_state, state.method_state))
+      else:
+        params, opt_state, new_model_state, method_state = take_step()
     diagnostics = {k: v for k, v in modulation.diagnostics.items()
                    if k != "q_estimate"}
     metrics = {
@@ -591,6 +603,8 @@ def make_train_step(apply_fn: ApplyFn, tx: optax.GradientTransformation,
     if heldout is not None:
       metrics["heldout_unimodal_accuracy"] = {
           m: s.correct / jnp.maximum(s.count, 1.0) for m, s in heldout.items()}
+    # One output per metric, not one per metric and modality.
+    metrics = stack_per_modality(metrics, tuple(sorted(stats)))
     new_state = state.replace(step=state.step + 1, params=params,
                               opt_state=opt_state,
                               model_state=new_model_state,

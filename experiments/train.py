@@ -38,6 +38,7 @@ import optax
 import arl_jax
 from arl_jax import fusion_weighting
 from arl_jax import models
+from arl_jax import modality_values
 from experiments import diagnostics
 from experiments import distributed
 from experiments import evaluation
@@ -295,8 +296,10 @@ def _fit_copy(state, keep, epochs, *, apply_fn, tx, data: Data, config,
 
 
 def _host_metrics(step_metrics: list, to_host) -> dict:
-  # Stacked on the device first: one transfer per metric, not per step.
-  return to_host(jax.tree.map(lambda *xs: jnp.stack(xs), *step_metrics))
+  # Stacked on the device first: one transfer per metric, not per step; then
+  # plain dicts ({modality: [steps]}), which the checkpoint and the log keep.
+  return modality_values.as_dicts(
+      to_host(jax.tree.map(lambda *xs: jnp.stack(xs), *step_metrics)))
 
 
 def _mean(partial, stacked) -> dict:
