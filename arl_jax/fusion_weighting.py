@@ -30,124 +30,18 @@ logits, so these weights are not defined there; :func:`check_additive`
 says so.
 """
 
-from __future__ import annotations
+from arl_jax._src.fusion_weighting import ADDITIVE_FUSIONS
+from arl_jax._src.fusion_weighting import WEIGHTINGS
+from arl_jax._src.fusion_weighting import check_additive
+from arl_jax._src.fusion_weighting import fit_fusion_weights
+from arl_jax._src.fusion_weighting import inverse_variance_weights
+from arl_jax._src.fusion_weighting import weighted_fusion_logits
 
-import functools
-from collections.abc import Mapping
-
-import jax
-import jax.numpy as jnp
-import numpy as np
-import optax
-
-from arl_jax import _validation
-from arl_jax import statistics as stats_lib
-from arl_jax.statistics import ModalityStatistics
-
-Array = jax.Array
-
-ADDITIVE_FUSIONS = ("concat", "sum")
-WEIGHTINGS = ("inverse_variance", "calibrated")
-
-
-def _bias_logits(fused: Array, unimodal: Mapping[str, Array]) -> Array:
-  names = _validation.modality_names(unimodal, "unimodal logits")
-  total = sum(jnp.asarray(unimodal[m], jnp.float32) for m in names)
-  return (total - jnp.asarray(fused, jnp.float32)) / (len(names) - 1)
-
-
-def weighted_fusion_logits(fused: Array, unimodal: Mapping[str, Array],
-                           weights: Mapping[str, Array | float]) -> Array:
-  """``p_∅ + sum_m w_m (p_m - p_∅)`` for an additive fusion head.
-
-  Args:
-    fused: ``[batch, classes]`` fused logits of an additive head.
-    unimodal: ``{modality: [batch, classes]}`` (other modalities zeroed).
-    weights: ``{modality: w_m}``; all ones give ``fused`` back.
-
-  Returns:
-    ``[batch, classes]`` float32 logits.
-  """
-  names = _validation.modality_names(unimodal, "unimodal logits")
-  _validation.check_same_modalities(names, weights, "fusion weights")
-  bias = _bias_logits(fused, unimodal)
-  return bias + sum(jnp.asarray(weights[m], jnp.float32)
-                    * (jnp.asarray(unimodal[m], jnp.float32) - bias)
-                    for m in names)
-
-
-def check_additive(fusion: str) -> None:
-  """Raises unless ``fusion`` (a fusion head's name) is additive."""
-  if fusion not in ADDITIVE_FUSIONS:
-    raise ValueError(
-        f"fusion weighting needs an additive fusion head ({list(ADDITIVE_FUSIONS)}"
-        f"), whose fused logits are the sum of the unimodal logit terms; "
-        f"{fusion!r} fusion mixes the modalities inside the head, so a weight "
-        "per unimodal term is not defined there.")
-
-
-def inverse_variance_weights(stats: Mapping[str, ModalityStatistics], *,
-                             variance_floor: float = 1e-6
-                             ) -> dict[str, Array]:
-  """``w_m = K (1/V_m) / sum_j (1/V_j)``, ``V_m`` the true-class variance.
-
-  ``stats`` are held-out sums (:func:`arl_jax.modality_statistics`); the
-  weights are those of Eq. 16 for K modalities, scaled so that equal
-  variances give ``w = 1`` (the plain model).
-  """
-  names = _validation.modality_names(stats, "statistics")
-  inv = jnp.stack([1.0 / jnp.maximum(stats_lib.true_class_variance(stats[m]),
-                                     variance_floor) for m in names])
-  w = len(names) * inv / jnp.sum(inv)
-  w = jnp.where(jnp.all(jnp.isfinite(w)), w, 1.0)
-  return {m: w[i] for i, m in enumerate(names)}
-
-
-def fit_fusion_weights(fused: Array, unimodal: Mapping[str, Array],
-                       labels: Array, mask: Array | None = None, *,
-                       steps: int = 300, learning_rate: float = 0.05
-                       ) -> dict[str, Array]:
-  """Per-modality weights that maximise the likelihood of held-out rows.
-
-  Minimises the mean cross-entropy of :func:`weighted_fusion_logits` over
-  ``log w`` (so ``w > 0``) from ``w = 1`` with Adam, ``steps`` full-batch
-  steps (a K-parameter convex-in-practice problem; jitted). Fit on held-out
-  rows of the training distribution, never on the test split.
-
-  Returns:
-    ``{modality: w_m}``.
-  """
-  names = _validation.modality_names(unimodal, "unimodal logits")
-  labels = jnp.asarray(labels)
-  w_rows = (jnp.ones(labels.shape, jnp.float32) if mask is None
-            else jnp.asarray(mask, jnp.float32))
-  terms = jnp.stack([jnp.asarray(unimodal[m], jnp.float32) for m in names])
-  bias = _bias_logits(fused, unimodal)
-  terms = terms - bias[None]
-  return dict(zip(names, _fit(terms, bias, labels, w_rows, steps,
-                              learning_rate)))
-
-
-@functools.partial(jax.jit, static_argnums=(4, 5))
-def _fit(terms, bias, labels, w_rows, steps, learning_rate):
-  def loss(log_w):
-    logits = bias + jnp.einsum("k,kbc->bc", jnp.exp(log_w), terms)
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-    return jnp.sum(ce * w_rows) / jnp.maximum(jnp.sum(w_rows), 1.0)
-
-  tx = optax.adam(learning_rate)
-  log_w = jnp.zeros(terms.shape[0])
-
-  def body(carry, _):
-    log_w, opt = carry
-    g = jax.grad(loss)(log_w)
-    u, opt = tx.update(g, opt, log_w)
-    return (optax.apply_updates(log_w, u), opt), None
-
-  (log_w, _), _ = jax.lax.scan(body, (log_w, tx.init(log_w)), None,
-                               length=steps)
-  return list(jnp.exp(log_w))
-
-
-def to_host(weights: Mapping[str, Array]) -> dict[str, float]:
-  return {m: float(np.asarray(v)) for m, v in weights.items()}
+__all__ = [
+    "ADDITIVE_FUSIONS",
+    "WEIGHTINGS",
+    "check_additive",
+    "fit_fusion_weights",
+    "inverse_variance_weights",
+    "weighted_fusion_logits",
+]

@@ -77,9 +77,10 @@ def fusion_weightings(fused: np.ndarray, unimodal: Mapping[str, np.ndarray],
                       labels: np.ndarray) -> dict[str, dict[str, float]]:
   """``{"inverse_variance": {m: w}, "calibrated": {m: w}}`` from held-out rows."""
   stats = _statistics(unimodal, labels)
+  host = lambda w: {m: float(np.asarray(v)) for m, v in w.items()}
   return {
-      "inverse_variance": fusion_weighting.to_host(
+      "inverse_variance": host(
           fusion_weighting.inverse_variance_weights(stats)),
-      "calibrated": fusion_weighting.to_host(
+      "calibrated": host(
           fusion_weighting.fit_fusion_weights(fused, unimodal, labels)),
   }

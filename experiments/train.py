@@ -37,8 +37,8 @@ import optax
 
 import arl_jax
 from arl_jax import fusion_weighting
-from arl_jax import models
 from arl_jax import modality_values
+from arl_jax import models
 from experiments import diagnostics
 from experiments import distributed
 from experiments import evaluation

@@ -258,12 +258,3 @@ def test_coefficients_jit_and_vmap():
       stacked, labels2)
   np.testing.assert_allclose(batched["a"], [eager["a"]] * 2, rtol=1e-5)
 
-
-def test_moved_top_level_name_still_reads_with_a_warning():
-  from arl_jax import coefficients
-  with pytest.warns(DeprecationWarning, match="arl_jax.coefficients"):
-    fn = arl_jax.ogm_ge_coefficients_from_statistics
-  assert fn is coefficients.ogm_ge_coefficients_from_statistics
-  assert "ogm_ge_coefficients_from_statistics" not in arl_jax.__all__
-  with pytest.raises(AttributeError):
-    arl_jax.no_such_name  # noqa: B018

@@ -67,7 +67,7 @@ def test_bundled_model_unimodal_logits_equal_zeroed_features():
 
 @pytest.mark.parametrize("names", [("a", "b"), ("a", "b", "c")])
 def test_logits_from_partial_sums_match_numpy(names):
-  from arl_jax.unimodal import logits_from_partial_sums
+  from arl_jax._src.unimodal import logits_from_partial_sums
   rng = np.random.default_rng(len(names))
   terms = {m: rng.normal(size=(5, 4)).astype(np.float32) for m in names}
   bias = rng.normal(size=4).astype(np.float32)

@@ -136,7 +136,7 @@ def _pmr_setup(axis_name=None):
   return state, step
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _pmr_runs(mode):
   """Two PMR steps on one device and over 4 devices (``mode``), on host."""
   # Uneven valid rows per device: rho's class probabilities are means over

@@ -41,7 +41,7 @@ def test_entropy_floor_keeps_q_finite_on_saturated_predictions():
   saturated = jnp.eye(3)[labels] * 1e4          # entropy underflows to 0
   logits = {"audio": saturated, "visual": saturated * 0.0}
   q = arl_jax.unimodal_inverse_variance(logits)
-  assert float(q["audio"]) == pytest.approx(1.0 / arl_jax.DEFAULT_ENTROPY_FLOOR)
+  assert float(q["audio"]) == pytest.approx(1.0 / arl_jax.statistics.DEFAULT_ENTROPY_FLOOR)
   np.testing.assert_allclose(q["visual"], 1.0 / np.log(3.0), rtol=1e-6)
   q = arl_jax.unimodal_inverse_variance(logits, entropy_floor=1e-3)
   assert float(q["audio"]) == pytest.approx(1e3)
@@ -121,7 +121,7 @@ def test_every_field_matches_numpy_with_ties_mask_and_nonfinite_rows(names):
     assert [float(stats[m].num_nonfinite) for m in names] == (
         [1.0, 0.0, 1.0] if len(names) == 3 else [1.0, 1.0])
   fused = logits[names[0]]
-  single = arl_jax.prediction_statistics(fused, labels, mask)
+  single = arl_jax.statistics.prediction_statistics(fused, labels, mask)
   keep = mask & np.all(np.isfinite(fused), -1)
   for field, value in _numpy_statistics(fused, labels, keep).items():
     np.testing.assert_allclose(getattr(single, field), value, rtol=2e-5,

@@ -27,7 +27,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from arl_jax import _imagenet
+from arl_jax._src import imagenet as _imagenet
 from arl_jax.data.batching import pad_to_batch
 
 try:

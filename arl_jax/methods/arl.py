@@ -8,14 +8,14 @@ from typing import ClassVar
 import jax
 import jax.numpy as jnp
 
-from arl_jax import coefficients as coef_lib
-from arl_jax import estimators as estimators_lib
-from arl_jax import statistics as stats_lib
+from arl_jax._src import coefficients as coef_lib
+from arl_jax._src import estimators as estimators_lib
+from arl_jax._src import statistics as stats_lib
+from arl_jax._src.statistics import ModalityStatistics
 from arl_jax.methods.base import Method
 from arl_jax.methods.base import Modulation
 from arl_jax.methods.base import _check_concrete
 from arl_jax.methods.base import register_method
-from arl_jax.statistics import ModalityStatistics
 
 Array = jax.Array
 

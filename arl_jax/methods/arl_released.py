@@ -7,7 +7,7 @@ from typing import ClassVar
 
 import jax.numpy as jnp
 
-from arl_jax import coefficients as coef_lib
+from arl_jax._src import coefficients as coef_lib
 from arl_jax.methods.arl import _SoftmaxRule
 from arl_jax.methods.base import Modulation
 from arl_jax.methods.base import register_method

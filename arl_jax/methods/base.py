@@ -44,8 +44,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from arl_jax import losses
-from arl_jax.statistics import ModalityStatistics
+from arl_jax._src import losses
+from arl_jax._src.statistics import ModalityStatistics
 
 Array = jax.Array
 
@@ -279,6 +279,7 @@ register_method(Method)
 
 
 def method_names() -> tuple[str, ...]:
+  """The registered method names (what ``make_method`` and configs accept)."""
   return tuple(sorted(_REGISTRY))
 
 

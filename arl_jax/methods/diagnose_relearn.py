@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from arl_jax.labels import label_modalities
+from arl_jax._src.labels import label_modalities
 from arl_jax.methods.base import Method
 from arl_jax.methods.base import _check_concrete
 from arl_jax.methods.base import register_method

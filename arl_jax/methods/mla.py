@@ -80,9 +80,11 @@ def _path_get(tree: Any, path: str) -> Any:
   node = tree
   for key in path.split("/"):
     if not isinstance(node, Mapping) or key not in node:
+      here = (sorted(node) if isinstance(node, Mapping)
+              else type(node).__name__)
       raise ValueError(
           f"MLA's head_kernel {path!r} is not in the parameters (no key "
-          f"{key!r}; keys here: {sorted(node) if isinstance(node, Mapping) else type(node).__name__}). "
+          f"{key!r}; keys here: {here}). "
           "Use the shared fusion head (fusion='shared') or set head_kernel.")
     node = node[key]
   return node

@@ -10,9 +10,9 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from arl_jax import _validation
-from arl_jax.labels import label_modalities
-from arl_jax.unimodal import fused_and_unimodal_logits
+from arl_jax._src import validation as _validation
+from arl_jax._src.labels import label_modalities
+from arl_jax._src.unimodal import fused_and_unimodal_logits
 
 
 class MultimodalClassifier(nn.Module):

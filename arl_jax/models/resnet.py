@@ -18,7 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from arl_jax import _imagenet
+from arl_jax._src import imagenet as _imagenet
 
 conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 

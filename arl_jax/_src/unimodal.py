@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from arl_jax import _validation
+from arl_jax._src import validation as _validation
 
 Array = jax.Array
 

@@ -14,8 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from arl_jax import labels as labels_lib
-from arl_jax import optimizer_checks
+from arl_jax._src import labels as labels_lib
+from arl_jax._src import optimizer_checks
 
 Array = jax.Array
 

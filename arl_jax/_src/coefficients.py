@@ -18,9 +18,9 @@ from collections.abc import Mapping
 import jax
 import jax.numpy as jnp
 
-from arl_jax import _validation
-from arl_jax import statistics as stats_lib
-from arl_jax.statistics import ModalityStatistics
+from arl_jax._src import statistics as stats_lib
+from arl_jax._src import validation as _validation
+from arl_jax._src.statistics import ModalityStatistics
 
 Array = jax.Array
 

@@ -30,16 +30,16 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from arl_jax import _validation
-from arl_jax import fusion_weighting as fusion_lib
-from arl_jax import losses
-from arl_jax import optimizer_checks
-from arl_jax import statistics as stats_lib
-from arl_jax.labels import label_modalities
+from arl_jax._src import fusion_weighting as fusion_lib
+from arl_jax._src import losses
+from arl_jax._src import optimizer_checks
+from arl_jax._src import statistics as stats_lib
+from arl_jax._src import validation as _validation
+from arl_jax._src.labels import label_modalities
+from arl_jax._src.modality_values import stack_per_modality
+from arl_jax._src.transforms import ScaleByModalityState
 from arl_jax.methods import Method
 from arl_jax.methods.base import LossContext
-from arl_jax.modality_values import stack_per_modality
-from arl_jax.transforms import ScaleByModalityState
 
 Array = jax.Array
 ApplyFn = Callable[..., tuple[tuple[Array, Mapping[str, Array]], Any]]
@@ -434,15 +434,18 @@ def make_train_step(apply_fn: ApplyFn, tx: optax.GradientTransformation,
         ok = jnp.ones((), bool)
       moves = jax.tree.map(lambda label, m=m: label in (m, "shared"),
                            param_labels)
-      masked = lambda new, old: jax.tree.map(
-          lambda k, n, o: jnp.where(ok, n, o) if k else o, moves, new, old)
+
+      def masked(new, old, ok=ok, moves=moves):
+        return jax.tree.map(lambda k, n, o: jnp.where(ok, n, o) if k else o,
+                            moves, new, old)
+
       params = masked(new_params, params)
       opt_state = jax.tree.map(
-          lambda new, old, last=last: (
+          lambda new, old, last=last, ok=ok, masked=masked: (
               masked(new, old) if is_param_tree(new) else
               (jnp.where(ok, new, old) if last else old)),
           new_opt_state, opt_state, is_leaf=is_param_tree)
-      method_state = jax.tree.map(lambda n, o: jnp.where(ok, n, o),
+      method_state = jax.tree.map(lambda n, o, ok=ok: jnp.where(ok, n, o),
                                   new_method_state, method_state)
       model_states[m] = new_model_state
       loss_total = loss_total + loss

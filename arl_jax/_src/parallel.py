@@ -1,0 +1,117 @@
+"""Data-parallel wrappers of the train step; public API: :mod:`arl_jax.parallel`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+DATA_AXIS = "data"
+
+
+# ------------------------------------------------------------------- pmap --
+
+def pmap_train_step(train_step: Callable, axis_name: str = "batch",
+                    devices: Sequence[jax.Device] | None = None) -> Callable:
+  """``jax.pmap`` of a step built with ``make_train_step(..., axis_name=...)``.
+
+  The returned function takes a replicated state (:func:`replicate`) and a
+  batch split by :func:`shard_batch`; its state and metrics have a leading
+  device axis (all entries equal; :func:`unreplicate` takes the first).
+  """
+  return jax.pmap(train_step, axis_name=axis_name, devices=devices,
+                  donate_argnums=0)
+
+
+def replicate(tree: Any, devices: Sequence[jax.Device] | None = None,
+              axis_name: str = "batch") -> Any:
+  """Copies every leaf to each device, with a leading device axis (for pmap).
+
+  Use the same ``axis_name`` as :func:`pmap_train_step`: the arrays then
+  carry exactly the sharding the step returns, so the second step does not
+  recompile.
+  """
+  devices = list(devices or jax.local_devices())
+  stacked = jax.tree.map(
+      lambda x: np.broadcast_to(np.asarray(x), (len(devices),) + np.shape(x)),
+      tree)
+  return jax.pmap(lambda t: t, axis_name=axis_name, devices=devices)(stacked)
+
+
+def unreplicate(tree: Any) -> Any:
+  """The first device's copy of a replicated pytree."""
+  return jax.tree.map(lambda x: x[0], tree)
+
+
+def shard_batch(batch: Any, num_devices: int | None = None) -> Any:
+  """Reshapes every leaf ``[B, ...]`` to ``[num_devices, B / num_devices, ...]``."""
+  n = num_devices or jax.local_device_count()
+
+  def split(x):
+    x = np.asarray(x)
+    if x.shape[0] % n:
+      raise ValueError(f"batch size {x.shape[0]} is not divisible by the "
+                       f"{n} devices.")
+    return x.reshape((n, x.shape[0] // n) + x.shape[1:])
+
+  return jax.tree.map(split, batch)
+
+
+# ---------------------------------------------------------- jit + sharding --
+
+def data_mesh(devices: Sequence[jax.Device] | None = None,
+              axis: str = DATA_AXIS) -> Mesh:
+  """A 1-D mesh over ``devices`` (default: every device of every process)."""
+  devices = np.asarray(devices if devices is not None else jax.devices())
+  return Mesh(devices.reshape(-1), (axis,))
+
+
+def jit_train_step(train_step: Callable, mesh: Mesh, axis: str = DATA_AXIS
+                   ) -> Callable:
+  """``jax.jit`` of a step (built with ``axis_name=None``) over ``mesh``.
+
+  State replicated, batch sharded along ``axis`` on its leading dimension,
+  state donated. Put the inputs in place with :func:`replicate_on_mesh` and
+  :func:`global_batch`.
+  """
+  replicated = NamedSharding(mesh, P())
+  sharded = NamedSharding(mesh, P(axis))
+  return jax.jit(train_step, in_shardings=(replicated, sharded),
+                 out_shardings=(replicated, replicated), donate_argnums=0)
+
+
+def _put(x: Any, sharding: NamedSharding, global_shape=None) -> jax.Array:
+  x = np.asarray(x)
+  shape = x.shape if global_shape is None else global_shape
+  return jax.make_array_from_callback(shape, sharding, lambda idx: x[idx])
+
+
+def replicate_on_mesh(tree: Any, mesh: Mesh) -> Any:
+  """Places a pytree (the same on every process) replicated over ``mesh``."""
+  sharding = NamedSharding(mesh, P())
+  return jax.tree.map(lambda x: _put(x, sharding), tree)
+
+
+def global_batch(local_batch: Any, mesh: Mesh, axis: str = DATA_AXIS) -> Any:
+  """Builds the global sharded batch from this process's part of it.
+
+  With one process ``local_batch`` is the whole batch. With several, each
+  process passes its own contiguous rows (process ``i`` holds rows ``i * B_local
+  ... (i + 1) * B_local - 1`` of the global batch).
+  """
+  sharding = NamedSharding(mesh, P(axis))
+  return jax.tree.map(
+      lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)),
+      local_batch)
+
+
+def fetch(tree: Any) -> Any:
+  """Host copy of replicated (possibly multi-process) arrays."""
+  return jax.tree.map(lambda x: np.asarray(x.addressable_data(0))
+                      if isinstance(x, jax.Array) else x, tree)

@@ -1,0 +1,70 @@
+"""The public surface: top-level names, public modules, and what is private."""
+
+import importlib
+import inspect
+import pkgutil
+import warnings
+
+import pytest
+
+import arl_jax
+
+PUBLIC_MODULES = ("data", "estimators", "fusion_weighting", "methods",
+                  "modality_values", "models", "optimizer_checks", "parallel",
+                  "statistics")
+# Thin namespaces: every name is re-exported from arl_jax._src.<module>.
+NAMESPACES = ("estimators", "fusion_weighting", "modality_values",
+              "optimizer_checks", "parallel", "statistics")
+
+
+def test_top_level_modules_are_the_public_ones_and_src():
+  found = {m.name for m in pkgutil.iter_modules(arl_jax.__path__)}
+  assert found == set(PUBLIC_MODULES) | {"_src"}
+
+
+def test_every_top_level_name_resolves_once_and_is_documented():
+  assert len(set(arl_jax.__all__)) == len(arl_jax.__all__)
+  assert arl_jax.__all__ == sorted(arl_jax.__all__, key=str)
+  for name in arl_jax.__all__:
+    obj = getattr(arl_jax, name)
+    assert inspect.getdoc(obj), f"arl_jax.{name} has no docstring"
+  # One public form per coefficient rule: the logits-level function.
+  assert not [n for n in arl_jax.__all__ if n.endswith("_from_statistics")]
+  for module in PUBLIC_MODULES:     # arl_jax.data is imported on demand
+    assert inspect.getdoc(importlib.import_module(f"arl_jax.{module}"))
+
+
+@pytest.mark.parametrize("module", NAMESPACES)
+def test_namespaces_reexport_the_implementation(module):
+  public = importlib.import_module(f"arl_jax.{module}")
+  private = importlib.import_module(f"arl_jax._src.{module}")
+  assert inspect.getdoc(public)
+  assert public.__all__, module
+  for name in public.__all__:
+    assert getattr(public, name) is getattr(private, name), (module, name)
+    obj = getattr(public, name)
+    if callable(obj):
+      assert inspect.getdoc(obj), f"arl_jax.{module}.{name} has no docstring"
+
+
+@pytest.mark.parametrize("name", sorted(arl_jax._MOVED))
+def test_moved_names_still_read_with_a_warning(name):
+  module, _ = arl_jax._MOVED[name]
+  with pytest.warns(DeprecationWarning, match=f"arl_jax.{name} is deprecated"):
+    obj = getattr(arl_jax, name)
+  assert obj is getattr(importlib.import_module(module), name)
+  assert name not in arl_jax.__all__
+
+
+def test_unknown_names_raise_attribute_error():
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    with pytest.raises(AttributeError, match="no attribute 'no_such_name'"):
+      arl_jax.no_such_name  # noqa: B018
+
+
+def test_the_src_modules_are_not_reexported_as_modules():
+  for name in ("coefficients", "losses", "unimodal", "labels", "transforms",
+               "train_step"):
+    with pytest.raises(ImportError):
+      importlib.import_module(f"arl_jax.{name}")
