@@ -11,6 +11,7 @@ from arl_jax.models.builders import multiview_classifier
 from arl_jax.models.fusion import ConcatFusion
 from arl_jax.models.fusion import FiLMFusion
 from arl_jax.models.fusion import GatedFusion
+from arl_jax.models.fusion import SharedFusion
 from arl_jax.models.fusion import SumFusion
 from arl_jax.models.fusion import make_fusion
 from arl_jax.models.mlp import MLPEncoder
@@ -32,6 +33,7 @@ __all__ = [
     "MLPEncoder",
     "MultimodalClassifier",
     "ResNet18",
+    "SharedFusion",
     "SpectrogramEncoder",
     "SumFusion",
     "audio_visual_classifier",
