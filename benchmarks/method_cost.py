@@ -1,9 +1,11 @@
 """Step time of every registered method relative to ``concat``, one process.
 
 Each method's jitted step (``arl_jax.make_train_step``, the runner's SGD
-chain) on the same model, batch and parameters; the median of ``--steps``
-synchronised steps after ``--warmup``, the methods interleaved round by
-round so that machine noise hits them alike.
+chain) on the same model, batch and parameters; medians of synchronised
+steps after ``--warmup``, timed by :func:`benchmarks.step.measure`:
+``--steps`` rounds, each running ``--block`` consecutive steps of every
+method (the first of each block not counted: after AGM's large step the
+next method's first step is slower), the order rotating between rounds.
 
   python -m benchmarks.method_cost [--model mlp|resnet] [--batch 64]
 
@@ -17,7 +19,6 @@ import datetime
 import pathlib
 import platform
 import statistics
-import time
 
 import jax
 import jax.numpy as jnp
@@ -36,6 +37,9 @@ def main(argv=None):
   parser.add_argument("--batch", type=int, default=64)
   parser.add_argument("--steps", type=int, default=30)
   parser.add_argument("--warmup", type=int, default=3)
+  parser.add_argument("--block", type=int, default=None,
+                      help="consecutive steps of one method per round, the "
+                           "first not counted (default: 11 MLP, 1 ResNet)")
   parser.add_argument("--methods", default=",".join(arl_jax.method_names()))
   args = parser.parse_args(argv)
   x, y, classes = step_bench._jax_inputs(args.model, args.batch)
@@ -69,17 +73,17 @@ def main(argv=None):
     step = jax.jit(arl_jax.make_train_step(apply_fn, tx, method),
                    donate_argnums=0)
     impls[name] = [step, state]
-  for _ in range(args.warmup):
-    for impl in impls.values():
-      impl[1], m = impl[0](impl[1], batch)
-      jax.block_until_ready(m)
-  times = {name: [] for name in impls}
-  for _ in range(args.steps):
-    for name, impl in impls.items():
-      start = time.perf_counter()
+  def runner(impl):
+    def run():
       impl[1], m = impl[0](impl[1], batch)
       jax.block_until_ready((impl[1], m))
-      times[name].append(time.perf_counter() - start)
+    return run
+
+  block = args.block if args.block is not None else (
+      1 if args.model == "resnet" else 11)
+  res = step_bench.measure({n: runner(impl) for n, impl in impls.items()},
+                           args.steps, args.warmup, block=block)
+  times = {n: r["times_s"] for n, r in res.items()}
   median = {n: statistics.median(t) for n, t in times.items()}
   base = median.get("concat", min(median.values()))
   backend = jax.default_backend()
@@ -88,7 +92,7 @@ def main(argv=None):
       "",
       f"- date: {datetime.datetime.now(datetime.UTC).isoformat()}",
       f"- command: `python -m benchmarks.method_cost --model {args.model} "
-      f"--batch {args.batch} --steps {args.steps}`",
+      f"--batch {args.batch} --steps {args.steps} --block {block}`",
       f"- machine: {platform.processor() or platform.machine()}, device: "
       f"{jax.devices()[0].device_kind}; jax {jax.__version__}",
       "",

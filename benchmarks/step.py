@@ -87,26 +87,41 @@ def _device_peak_bytes():
   return (device.memory_stats() or {}).get("peak_bytes_in_use")
 
 
-def measure(impls, rounds, warmup, after_warmup=lambda name: None):
-  """Warm-up (and peak memory) per implementation, then round-robin timing.
+def measure(impls, rounds, warmup, after_warmup=lambda name: None, block=1,
+            groups=None):
+  """Warm-up (and peak memory) per implementation, then interleaved timing.
 
   ``impls`` maps a name to a zero-argument function running one synchronised
-  step. After each implementation's warm-up (during which its peak memory is
-  taken), the timed steps alternate between implementations, one step each
-  per round, so that slow drifts of the machine hit all of them alike.
+  step; ``groups`` (default: all together) lists the names timed against
+  each other, one group after the other. Within a group, after each
+  implementation's warm-up (during which its peak memory is taken), each of
+  ``rounds`` rounds runs ``block`` consecutive steps of every implementation
+  in an order that rotates from round to round, so that slow drifts of the
+  machine hit all of them alike. With ``block > 1`` the first step of each
+  block is not counted: it pays for the switch (cold caches), which a
+  training loop, one step after another, does not.
+
+  PyTorch goes in a group of its own: its OpenMP workers keep spinning on
+  the cores after its step returns, and interleaved with it the JAX steps
+  ran slower, the ARL step most (2-core CPU, MLP: 91k samples/s right after
+  PyTorch steps against 137k without them).
   """
   out = {}
-  for name, fn in impls.items():
-    with PeakRSS() as rss:
-      for _ in range(warmup):
-        fn()
-    out[name] = {"peak_rss_bytes": rss.peak, "times_s": []}
-    after_warmup(name)
-  for _ in range(rounds):
-    for name, fn in impls.items():
-      start = time.perf_counter()
-      fn()
-      out[name]["times_s"].append(time.perf_counter() - start)
+  for group in (groups or [list(impls)]):
+    for name in group:
+      with PeakRSS() as rss:
+        for _ in range(warmup):
+          impls[name]()
+      out[name] = {"peak_rss_bytes": rss.peak, "times_s": []}
+      after_warmup(name)
+    for r in range(rounds):
+      for name in group[r % len(group):] + group[:r % len(group)]:
+        for k in range(block):
+          start = time.perf_counter()
+          impls[name]()
+          if block == 1 or k > 0:
+            out[name]["times_s"].append(time.perf_counter() - start)
+  out = {name: out[name] for name in impls}
   for r in out.values():
     r["median_s"] = statistics.median(r["times_s"])
   return out
@@ -303,9 +318,13 @@ def main(argv=None):
                       default="gpu" if jax.default_backend() == "gpu" else "cpu")
   parser.add_argument("--models", default="mlp,resnet")
   parser.add_argument("--steps", type=int, default=None,
-                      help="timed rounds, one step of each implementation "
-                           "per round (default: 30 on GPU; on CPU 20 ResNet, "
-                           "300 MLP)")
+                      help="timed rounds, one block of steps of each "
+                           "implementation per round (default: 30; 20 for "
+                           "the ResNet on CPU)")
+  parser.add_argument("--block", type=int, default=None,
+                      help="consecutive steps of one implementation per "
+                           "round, the first not counted (default: 11 MLP, "
+                           "1 ResNet)")
   parser.add_argument("--warmup", type=int, default=None)
   parser.add_argument("--skip-torch", action="store_true")
   parser.add_argument("--device-augment", default=None,
@@ -320,15 +339,17 @@ def main(argv=None):
   rows = []
   for kind in args.models.split(","):
     for batch, dtype in PRESETS[args.preset][kind]:
+      block = args.block if args.block is not None else (
+          1 if kind == "resnet" else 11)
       if args.steps is not None:
         steps = args.steps
       else:
-        steps = 30 if backend != "cpu" else (20 if kind == "resnet" else 300)
+        steps = 30 if backend != "cpu" or kind != "resnet" else 20
       warmup = args.warmup if args.warmup is not None else (
           8 if backend != "cpu" else (2 if kind == "resnet" else 30))
       jdtype = jnp.bfloat16 if dtype == "bfloat16" else jnp.float32
       row = {"model": kind, "batch": batch, "dtype": dtype, "rounds": steps,
-             "warmup": warmup}
+             "block": block, "warmup": warmup}
       print(f"[{kind} b{batch} {dtype}] compiling ...", flush=True)
       impls, compile_s, device_peak = {}, {}, {}
       device_augment = (args.device_augment if args.device_augment is not None
@@ -348,7 +369,11 @@ def main(argv=None):
         if name != "torch_ref":
           device_peak[name] = _device_peak_bytes()
 
-      row["results"] = measure(impls, steps, warmup, after_warmup)
+      jax_names = [n for n in impls if n != "torch_ref"]
+      row["results"] = measure(
+          impls, steps, warmup, after_warmup, block,
+          groups=[jax_names] + ([["torch_ref"]] if "torch_ref" in impls
+                                else []))
       if "torch_ref" in row["results"]:
         device_peak["torch_ref"] = torch_peak()
       for name, r in row["results"].items():
@@ -435,6 +460,16 @@ def markdown(report):
                  f"{100 * row['arl_overhead']:+.1f}% | "
                  f"{'-' if speed is None else f'{speed:.2f}x'} | "
                  f"{'-' if aug is None else f'{100 * aug:+.1f}%'} |")
+  lines.append("")
+  timing = "; ".join(
+      f"{r['model']} b{r['batch']} {r['dtype']}: {r['rounds']} rounds of "
+      f"{r.get('block', 1)} step(s)" for r in report["rows"])
+  lines.append("Timing: medians over rounds; each round runs a block of "
+               "consecutive steps of every JAX implementation (rotating "
+               "order; in a block of more than one, its first step is not "
+               "counted), then PyTorch is timed the same way on its own "
+               f"(its spinning OpenMP workers slowed the JAX steps next to "
+               f"it). {timing}.")
   lines.append("")
   lines.append("Peak RSS is the process's resident set while that "
                "implementation ran (the process also holds what earlier "
