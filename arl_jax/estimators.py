@@ -15,6 +15,13 @@ it cannot see a confidently wrong modality. The estimators here:
 ``heldout_variance``        ``1 / Var(softmax(p_m)[y])`` on held-out rows: the
                             variance of the true-class probability, the
                             quantity of Eqs. 13-16 itself
+``heldout_error``           ``1 / mean (1 - softmax(p_m)[y])^2`` on held-out
+                            rows: squared bias plus variance of the
+                            true-class probability. The variance alone is
+                            small for a perfect modality (``p_y`` near 1 on
+                            every row) *and* for a useless one (``p_y`` near
+                            ``1/C`` on every row); the error is small only
+                            for the first
 ==========================  ================================================
 
 Each may be smoothed over steps by an exponential moving average of the

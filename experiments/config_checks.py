@@ -23,7 +23,9 @@ from experiments import distributed
 from experiments.configs import default as default_config
 
 AV_SOURCES = data_lib.AV_DATA_SETS
-IN_MEMORY_SOURCES = ("synthetic", "imbalanced", "uci")
+IN_MEMORY_SOURCES = ("synthetic", "imbalanced", "uci", "av_digits")
+# In-memory sources whose rows carry groups (data.heldout_by_group).
+GROUPED_SOURCES = ("av_digits",)
 SOURCES = IN_MEMORY_SOURCES + AV_SOURCES
 FREE_FORM = {("data", "noise")}      # dict-valued fields whose keys are data
 PROGRESS = ("auto", "bar", "lines", "none")
@@ -69,6 +71,13 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     raise ConfigError("data.heldout_fraction, data.only_modality and "
                       "diagnostics.linear_probe are implemented for the "
                       f"in-memory sources {list(IN_MEMORY_SOURCES)} only.")
+  if c.heldout_by_group and c.source not in GROUPED_SOURCES:
+    raise ConfigError(f"config.data.heldout_by_group needs a source whose rows "
+                      f"have groups ({list(GROUPED_SOURCES)}); "
+                      f"{c.source!r} has none.")
+  if c.heldout_by_group and not c.heldout_fraction > 0:
+    raise ConfigError("config.data.heldout_by_group needs "
+                      "config.data.heldout_fraction > 0.")
   if c.only_modality and c.only_modality not in _source_modalities(config):
     raise ConfigError(f"config.data.only_modality {c.only_modality!r} is not "
                       f"one of {_source_modalities(config)}.")
@@ -185,7 +194,16 @@ def _check_values(config) -> None:
   _check(len(c.sizes) == 3 and all(_is_int(n) and n >= 1 for n in c.sizes),
          "data.sizes", "three integers >= 1 (train, validation, test rows)",
          c.sizes)
-  for name in ("nonlinear", "actor_disjoint", "skip_invalid"):
+  _check(config.model.encoder in ("mlp", "cnn"), "model.encoder",
+         "'mlp' or 'cnn'", config.model.encoder)
+  if config.model.encoder == "cnn" and c.source != "av_digits":
+    raise ConfigError("config.model.encoder 'cnn' needs 2-D inputs: the "
+                      "av_digits source (the audio-visual sources have their "
+                      "own ResNets).")
+  _check(_is_number(c.image_energy_removed) and 0 <= c.image_energy_removed < 1,
+         "data.image_energy_removed", "in [0, 1)", c.image_energy_removed)
+  for name in ("nonlinear", "actor_disjoint", "skip_invalid",
+               "heldout_by_group"):
     boolean(f"data.{name}", c[name])
   if c.source == "synthetic":
     _check(len(c.noise) >= 2, "data.noise",
@@ -208,6 +226,8 @@ def _source_modalities(config) -> list[str]:
     return sorted(data_lib.IMBALANCE_SETTINGS.get(c.setting, {}))
   if c.source == "uci":
     return sorted(c.views)
+  if c.source == "av_digits":
+    return ["audio", "image"]
   return ["audio", "visual"]
 
 

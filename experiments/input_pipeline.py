@@ -20,6 +20,8 @@ import jax
 import numpy as np
 
 from arl_jax import data as data_lib
+from arl_jax.data import av_digits
+from arl_jax.data import splits as splits_lib
 from experiments import distributed
 from experiments.config_checks import IN_MEMORY_SOURCES
 
@@ -60,12 +62,23 @@ def _imbalanced(setting, num_classes, sizes, seed):
                                   sizes=sizes, seed=seed)
 
 
-def _split_heldout(x, y, fraction: float, seed: int):
-  """The last ``fraction`` of a seeded permutation of the training rows."""
+@functools.lru_cache(maxsize=2)
+def _av_digits(seed, image_energy_removed, prepared_dir, fsdd_path):
+  return av_digits.load_audio_visual_digits(
+      seed=seed, image_energy_removed=image_energy_removed,
+      prepared_dir=prepared_dir or None, fsdd_root=fsdd_path or None)
+
+
+def _split_heldout(x, y, fraction: float, seed: int, groups=None):
+  """Held-out rows of the training split: the last ``fraction`` of a seeded
+  permutation, or (``groups`` given) whole groups, about ``fraction``."""
   n = len(y)
-  order = np.random.default_rng([seed, 7]).permutation(n)
-  k = int(round(fraction * n))
-  keep, held = np.sort(order[:n - k]), np.sort(order[n - k:])
+  if groups is not None:
+    keep, held = splits_lib.group_holdout(groups, fraction, seed)
+  else:
+    order = np.random.default_rng([seed, 7]).permutation(n)
+    k = int(round(fraction * n))
+    keep, held = np.sort(order[:n - k]), np.sort(order[n - k:])
   take = lambda idx: ({m: v[idx] for m, v in x.items()}, y[idx])
   return take(keep), take(held)
 
@@ -84,7 +97,7 @@ def load_data(config, workdir: pathlib.Path, *, attach_heldout: bool = False,
               topology: distributed.Topology | None = None) -> Data:
   c = config.data
   if c.source in IN_MEMORY_SOURCES:
-    extra = {}
+    extra, groups = {}, None
     if c.source in ("synthetic", "imbalanced"):
       if c.source == "synthetic":
         make = (data_lib.make_nonlinear_gaussian if c.nonlinear
@@ -100,6 +113,12 @@ def load_data(config, workdir: pathlib.Path, *, attach_heldout: bool = False,
       if problem.bayes_true_class_variance is not None:
         extra["bayes_true_class_variance"] = dict(
             problem.bayes_true_class_variance)
+    elif c.source == "av_digits":
+      d = _av_digits(c.split_seed, float(c.image_energy_removed),
+                     c.prepared_dir, c.fsdd_path)
+      splits, num_classes, groups = dict(d.splits), d.num_classes, d.groups
+      extra = {"speakers": {s: sorted(set(g)) for s, g in groups.items()},
+               "input_shapes": dict(av_digits.INPUT_SHAPES)}
     else:
       d = data_lib.load_uci_multifeature(tuple(c.views), seed=c.split_seed)
       splits, num_classes = dict(d.splits), d.num_classes
@@ -112,7 +131,12 @@ def load_data(config, workdir: pathlib.Path, *, attach_heldout: bool = False,
     heldout = None
     if c.heldout_fraction > 0:
       splits["train"], heldout = _split_heldout(
-          *splits["train"], c.heldout_fraction, c.split_seed)
+          *splits["train"], c.heldout_fraction, c.split_seed,
+          groups["train"] if c.heldout_by_group else None)
+      if c.heldout_by_group:
+        keep, held = splits_lib.group_holdout(groups["train"],
+                                            c.heldout_fraction, c.split_seed)
+        extra["heldout_speakers"] = sorted(set(groups["train"][held]))
     x, y = splits["train"]
     bs = config.batch_size
 

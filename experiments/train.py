@@ -71,9 +71,12 @@ def build_model(config, data: Data):
         num_frames=config.data.num_frames, image_size=config.data.image_size,
         fusion=config.model.fusion, dtype=dtype)
   dims = {m: int(v.shape[-1]) for m, v in data.example.items()}
+  cnn = {}
+  if config.model.encoder == "cnn":
+    cnn = {"encoders": "cnn", "input_shapes": data.extra["input_shapes"]}
   return models.multiview_classifier(
       dims, data.num_classes, encoder_widths=tuple(config.model.encoder_widths),
-      fusion=config.model.fusion, dtype=dtype)
+      fusion=config.model.fusion, dtype=dtype, **cnn)
 
 
 def make_optimizer(config, data: Data):

@@ -41,6 +41,8 @@ def test_estimators_against_float64_numpy(names):
       "heldout_entropy": {m: 1 / ref.entropy(zh[m]).mean() for m in names},
       "heldout_variance": {m: 1 / np.var(_true_prob(zh[m], yh))
                            for m in names},
+      "heldout_error": {m: 1 / np.mean((1 - _true_prob(zh[m], yh)) ** 2)
+                        for m in names},
   }
   for name, expected in want.items():
     got = estimators.inverse_variance(name, train, held)
@@ -50,6 +52,41 @@ def test_estimators_against_float64_numpy(names):
     estimators.inverse_variance("heldout_variance", train, None)
   with pytest.raises(ValueError, match="unknown estimator 'entropy'"):
     estimators.inverse_variance("entropy", train, held)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_a_modality_at_the_class_prior_never_gets_the_largest_error_q(seed):
+  # Informative modalities: a is calibrated by construction (each row's
+  # label drawn from its predicted distribution), b puts at least half its
+  # mass on the true class; the useless one predicts the class prior
+  # (uniform) on every row: p_y = 1/C, variance 0.
+  rng = np.random.default_rng(seed)
+  classes, rows = int(rng.integers(2, 8)), 4000
+  names = ("informative_a", "informative_b", "prior")
+  p = {m: rng.dirichlet(np.full(classes, c), rows)
+       for m, c in (("informative_a", 0.3), ("informative_b", 2.0))}
+  y = np.array([rng.choice(classes, p=row) for row in p["informative_a"]])
+  p["informative_b"] = np.where(
+      np.eye(classes, dtype=bool)[y], 0.0, p["informative_b"]) * 0.5
+  p["informative_b"][np.arange(rows), y] = 1 - p["informative_b"].sum(-1)
+  logits = {m: np.log(np.clip(v, 1e-9, 1)).astype(np.float32)
+            for m, v in p.items()}
+  logits["prior"] = np.zeros((rows, classes), np.float32)
+  held = arl_jax.modality_statistics(logits, y.astype(np.int32))
+  err = estimators.inverse_variance("heldout_error", held, held)
+  assert max(err, key=lambda m: float(err[m])) != "prior"
+  for m in names[:2]:
+    assert float(err[m]) > float(err["prior"])
+  # The variance alone is blind to bias: zero for the prior modality, whose
+  # q then hits the floor's 1e6 and is the largest.
+  var = estimators.inverse_variance("heldout_variance", held, held)
+  assert max(var, key=lambda m: float(var[m])) == "prior"
+  # In ARL's coefficients (reference: the prior modality) the error estimate
+  # never pushes the prior modality hardest for being "reliable".
+  method = arl_jax.ARL(temperature=4.0, estimator="heldout_error",
+                       reference="prior")
+  a = method.modulate(held, held, ())[0].coefficients
+  assert all(np.isfinite(float(v)) for v in a.values())
 
 
 def test_coefficients_with_an_estimator_are_eq18_with_that_q():

@@ -12,7 +12,8 @@ from arl_jax._src.statistics import ModalityStatistics
 
 Array = jax.Array
 
-ESTIMATORS = ("train_entropy", "heldout_entropy", "heldout_variance")
+ESTIMATORS = ("train_entropy", "heldout_entropy", "heldout_variance",
+              "heldout_error")
 
 # Floor on a variance estimate (the probability of the true class lies in
 # [0, 1], so its variance is at most 1/4): keeps q finite when held-out
@@ -42,7 +43,8 @@ def inverse_variance(estimator: str,
   .. math::
     q^{\\mathrm{ent}}_m = 1 / \\max(\\overline{H}_m, \\epsilon_H), \\qquad
     q^{\\mathrm{var}}_m = 1 / \\max(\\overline{p_y^2} - \\overline{p_y}^2,
-                                     \\epsilon_V)
+                                     \\epsilon_V), \\qquad
+    q^{\\mathrm{err}}_m = 1 / \\max(\\overline{(1 - p_y)^2}, \\epsilon_V)
 
   Args:
     estimator: one of :data:`ESTIMATORS`.
@@ -62,8 +64,10 @@ def inverse_variance(estimator: str,
     return stats_lib.inverse_variance_from_statistics(train, entropy_floor)
   if estimator == "heldout_entropy":
     return stats_lib.inverse_variance_from_statistics(heldout, entropy_floor)
-  return {m: 1.0 / jnp.maximum(stats_lib.true_class_variance(s),
-                               variance_floor) for m, s in heldout.items()}
+  spread = (stats_lib.true_class_variance if estimator == "heldout_variance"
+            else stats_lib.true_class_error)
+  return {m: 1.0 / jnp.maximum(spread(s), variance_floor)
+          for m, s in heldout.items()}
 
 
 def ema_update(average: Mapping[str, ModalityStatistics] | None,

@@ -169,6 +169,20 @@ def true_class_variance(stats: ModalityStatistics) -> Array:
   return jnp.maximum(stats.true_prob_sq_sum / count - mean * mean, 0.0)
 
 
+def true_class_error(stats: ModalityStatistics) -> Array:
+  """``E_i[(1 - softmax(p_i)[y_i])^2]`` over the rows of ``stats`` (NaN if none).
+
+  The mean squared error of the true-class probability against 1: its
+  squared bias ``(1 - E[p_y])^2`` plus its variance ``Var(p_y)``. Unlike the
+  variance alone it is small only for a modality that is right *and*
+  confident: a useless modality whose ``p_y`` sits at the class prior on
+  every row has a small variance but an error near ``(1 - 1/C)^2``.
+  """
+  count = jnp.where(stats.count > 0, stats.count, jnp.nan)
+  mse = (count - 2.0 * stats.true_prob_sum + stats.true_prob_sq_sum) / count
+  return jnp.maximum(mse, 0.0)
+
+
 def dependency_from_statistics(stats: Mapping[str, ModalityStatistics]
                                ) -> dict[str, Array]:
   """Eq. 4 terms from batch sums: ``s_m = sum_i softmax(p_m,i)[y_i]``."""

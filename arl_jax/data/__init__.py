@@ -11,18 +11,24 @@
   for CREMA-D, Kinetics-Sounds and AVE from local files, and their grain
   pipeline (``tensorflow-datasets``, ``grain``: the ``data`` extra);
   :class:`FrameAugmentation`: their crop/flip/resize on the accelerator.
+* :func:`prepare_fsdd` / :func:`load_fsdd`: the Free Spoken Digit Dataset
+  (real speech, 3,000 recordings of 6 speakers) as a TFDS builder from a
+  verified local copy, and all of it as spectrogram arrays.
 
 Modules: ``layouts`` (what a local copy holds), ``builders`` (the TFDS
 builders, :func:`prepare`), ``prepared`` (the storage format and its reader,
 :func:`load_prepared`), ``av_pipeline`` (batches), ``device_augment``,
-``batching`` (in-memory batches, the padded last batch), ``splits``
-(stratified splits), ``synthetic``, ``uci_multifeature``, ``audio``.
+``fsdd`` (the Free Spoken Digit Dataset), ``batching`` (in-memory batches,
+the padded last batch), ``splits`` (stratified splits), ``synthetic``,
+``uci_multifeature``, ``audio``.
 """
 
 from arl_jax.data.av_pipeline import batches as av_batches
 from arl_jax.data.batching import iterate_batches
 from arl_jax.data.builders import prepare
 from arl_jax.data.device_augment import FrameAugmentation
+from arl_jax.data.fsdd import load as load_fsdd
+from arl_jax.data.fsdd import prepare as prepare_fsdd
 from arl_jax.data.layouts import AV_DATA_SETS
 from arl_jax.data.layouts import DataError
 from arl_jax.data.prepared import frame_canvas
@@ -47,10 +53,12 @@ __all__ = [
     "av_batches",
     "frame_canvas",
     "iterate_batches",
+    "load_fsdd",
     "load_prepared",
     "load_uci_multifeature",
     "make_imbalanced",
     "make_linear_gaussian",
     "make_nonlinear_gaussian",
     "prepare",
+    "prepare_fsdd",
 ]

@@ -46,7 +46,9 @@ def default_root() -> pathlib.Path:
       "datasets/UCImultifeature")
 
 
-def _read_view(root: pathlib.Path, view: str) -> tuple[np.ndarray, np.ndarray]:
+def read_view(root: pathlib.Path, view: str) -> tuple[np.ndarray, np.ndarray]:
+  """``(features [2000, width] float64, labels [2000] int32)`` of one view,
+  in the file's row order (the same rows for every view)."""
   suffix, width = VIEWS[view]
   path = root / f"mfeat-{suffix}.csv"
   if not path.is_file():
@@ -69,12 +71,17 @@ def _read_view(root: pathlib.Path, view: str) -> tuple[np.ndarray, np.ndarray]:
 
 @dataclasses.dataclass(frozen=True)
 class MultiViewData:
-  """Standardised splits ``{split: (inputs, labels)}`` and what they hold."""
+  """Standardised splits ``{split: (inputs, labels)}`` and what they hold.
+
+  ``groups`` (optional): ``{split: [rows]}`` each row's group (a speaker, a
+  subject, a session), for held-out slices made of whole groups.
+  """
   splits: dict
   views: tuple[str, ...]
   num_classes: int
   mean: dict
   std: dict
+  groups: dict | None = None
 
 
 def load_uci_multifeature(views: Sequence[str] = tuple(VIEWS), *,
@@ -109,7 +116,7 @@ def load_uci_multifeature(views: Sequence[str] = tuple(VIEWS), *,
                             "exist.")
   data, labels = {}, None
   for v in views:
-    x, y = _read_view(root, v)
+    x, y = read_view(root, v)
     if labels is not None and not np.array_equal(labels, y):
       raise ValueError(f"UCI Multiple Features: the labels of view {v!r} "
                        "differ from those of the other views.")

@@ -58,7 +58,9 @@ class ARL(_SoftmaxRule):
     estimator: how ``q_m`` is estimated (:mod:`arl_jax.estimators`):
       ``train_entropy`` (Eq. 17, the paper), ``heldout_entropy`` or
       ``heldout_variance`` (the variance of the true-class probability on
-      held-out rows, the quantity of Eqs. 13-16).
+      held-out rows, the quantity of Eqs. 13-16) or ``heldout_error`` (its
+      mean squared error against 1: bias squared plus variance, so a
+      modality stuck at the class prior is not mistaken for a reliable one).
     ema: decay of an exponential moving average of the statistics over steps
       (0: none); the averages live in ``TrainState.method_state``.
     dependency: rows the dependency ``s_m`` (Eq. 4) is read from: ``train``

@@ -15,7 +15,8 @@ def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.data = ml_collections.ConfigDict()
-  c.data.source = "synthetic"        # synthetic | uci | crema_d | kinetics_sounds | ave
+  # synthetic | imbalanced | uci | av_digits | crema_d | kinetics_sounds | ave
+  c.data.source = "synthetic"
   c.data.path = ""                   # local copy of an audio-visual data set
   c.data.prepared_dir = ""           # where TFDS writes it (default: workdir/data)
   c.data.noise = {"audio": 1.0, "visual": 2.5}   # synthetic: sigma per modality
@@ -25,6 +26,14 @@ def get_config() -> ml_collections.ConfigDict:
   # In-memory sources: a slice of the training rows held out from gradients,
   # read by ARL's held-out estimators and the fusion weights (never test).
   c.data.heldout_fraction = 0.0
+  # Where the data has groups (av_digits: speakers), hold out whole groups
+  # (about heldout_fraction of the rows): held-out rows then come from groups
+  # the model never trains on, as the test rows do.
+  c.data.heldout_by_group = False
+  # av_digits: share of the images' variance projected out (AV-MNIST: 0.75);
+  # the FSDD copy (default: ../shared/data/fsdd or $ARL_JAX_FSDD).
+  c.data.image_energy_removed = 0.0
+  c.data.fsdd_path = ""
   c.data.nonlinear = False
   c.data.num_classes = 6
   c.data.dim = 8
@@ -47,6 +56,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.skip_invalid = False
   c.model = ml_collections.ConfigDict()
   c.model.encoder_widths = (64,)
+  # In-memory sources with 2-D inputs (av_digits): "mlp" or "cnn" (a small
+  # ConvEncoder on the spectrogram and on the image).
+  c.model.encoder = "mlp"
   c.model.fusion = "concat"
   c.model.dtype = "float32"
   # Method fields left at None take the method's own default (ARL: gamma 4,
@@ -59,7 +71,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.method.temperature = ml_collections.config_dict.placeholder(float)
   c.method.alpha = ml_collections.config_dict.placeholder(float)
   # ARL's variance estimator: train_entropy (Eq. 17, the paper) |
-  # heldout_entropy | heldout_variance; ema: decay over steps (0: none);
+  # heldout_entropy | heldout_variance | heldout_error; ema: decay over steps (0: none);
   # dependency: train | heldout.
   c.method.estimator = ml_collections.config_dict.placeholder(str)
   c.method.ema = ml_collections.config_dict.placeholder(float)
