@@ -171,6 +171,7 @@ def _check_values(config) -> None:
   _check(all(_is_int(e) and e >= 0 for e in o.decay_epochs),
          "optim.decay_epochs", "a tuple of integers >= 0", o.decay_epochs)
   boolean("optim.check_scales", o.check_scales)
+  boolean("optim.normalize_loss_weights", o.normalize_loss_weights)
   _check(config.model.fusion in FUSION_NAMES, "model.fusion",
          f"one of {list(FUSION_NAMES)}", config.model.fusion)
   _check(len(config.model.encoder_widths) > 0 and all(

@@ -298,6 +298,20 @@ def _fit_copy(state, keep, epochs, *, apply_fn, tx, data: Data, config,
   return train_sums, val_sums
 
 
+def _loss_jump(history: list[dict], loss: float, factor: float = 10.0,
+               floor: float = 1.0) -> float | None:
+  """``loss`` over the lowest earlier epoch's mean training loss, when it is
+  at least ``factor`` (an order of magnitude: unstable training) and the
+  loss is at least ``floor`` (not a wobble of a nearly zero loss); else
+  None."""
+  earlier = [h["train_loss"] for h in history
+             if h.get("train_loss") is not None]
+  if not earlier or not min(earlier) > 0:
+    return None
+  ratio = loss / min(earlier)
+  return float(ratio) if ratio >= factor and loss >= floor else None
+
+
 def _host_metrics(step_metrics: list, to_host) -> dict:
   # Stacked on the device first: one transfer per metric, not per step; then
   # plain dicts ({modality: [steps]}), which the checkpoint and the log keep.
@@ -352,7 +366,9 @@ def _train_locked(config, workdir: pathlib.Path, topology,
       apply_fn, tx, method,
       warmup_steps=config.warmup_epochs * data.steps_per_epoch,
       preprocess=data.train_preprocess,
-      check_tx=config.optim.check_scales, axis_name=axis_name))
+      check_tx=config.optim.check_scales, axis_name=axis_name,
+      normalize_loss_weights=(config.optim.normalize_loss_weights
+                              and not method.alternating)))
   run_eval = topology.eval_step(make_step=lambda axis_name: (
       arl_jax.make_eval_step(apply_fn, preprocess=data.eval_preprocess,
                              method=method, axis_name=axis_name)))
@@ -463,6 +479,14 @@ def _train_locked(config, workdir: pathlib.Path, topology,
           f"training diverged in epoch {epoch}: the mean training loss is "
           f"{train['loss']} (config.optim.learning_rate = "
           f"{config.optim.learning_rate}); nothing of this epoch was saved.")
+    jump = _loss_jump(history, train["loss"])
+    if jump is not None and writer:
+      workdir_lib.log(
+          f"warning: epoch {epoch}'s mean training loss {train['loss']:.3g} is "
+          f"{jump:.0f}x the lowest earlier epoch's: training is unstable "
+          f"(learning rate {config.optim.learning_rate} too high for this "
+          "loss; the end of warm-up raises the unimodal loss weight, see "
+          "config.optim.normalize_loss_weights).")
     val = evaluate(eval_step, state, data.evaluate["validation"],
                    data.num_classes, logits=weigh_fusion)
     test = evaluate(eval_step, state, data.evaluate["test"],
@@ -496,6 +520,8 @@ def _train_locked(config, workdir: pathlib.Path, topology,
       state = topology.put_state(host_state)
       if hook_record:
         record["method"] = hook_record
+    if jump is not None:
+      record["loss_jump"] = jump
     record["steps"] = len(step_metrics) + first
     record = workdir_lib.finite_or_none(record)
     meta["epoch"] = epoch

@@ -188,6 +188,7 @@ def make_train_step(apply_fn: ApplyFn, tx: optax.GradientTransformation,
                     preprocess: Callable | None = None,
                     accumulation_steps: int = 1,
                     check_tx: bool = True,
+                    normalize_loss_weights: bool = False,
                     batch_transform: Callable | None = None,
                     ) -> Callable[[TrainState, Mapping[str, Any]],
                                   tuple[TrainState, dict[str, Any]]]:
@@ -257,6 +258,16 @@ def make_train_step(apply_fn: ApplyFn, tx: optax.GradientTransformation,
       parameters (:func:`arl_jax.optimizer_checks.scales_take_effect`) and
       raise a ValueError if the modality scales provably have no effect
       (e.g. ``scale_by_modality`` before Adam). False skips the probe.
+    normalize_loss_weights: divide the loss and its gradients by the sum
+      of the loss weights, ``1 + gamma_t K``: the terms keep their relative
+      weights (Eq. 22's gamma) but the step size no longer depends on gamma.
+      Without it the gradient of Eq. 22 grows by ``(1 + gamma K) / (1 +
+      warmup_gamma K)`` (3x for ARL at K = 2) the step warm-up ends, which
+      at a learning rate tuned for plain training pushes SGD past its
+      stability limit: the loss jumps an order of magnitude and oscillates
+      without becoming NaN (gradient clipping keeps it finite), and test
+      accuracy collapses late (README, "The late collapse"). Not for
+      methods with their own update loop (``alternating``: MLA).
     batch_transform: deprecated name of ``preprocess``.
 
   Returns:
@@ -289,6 +300,10 @@ def make_train_step(apply_fn: ApplyFn, tx: optax.GradientTransformation,
     raise ValueError(
         f"method {type(method).__name__} alternates per-modality updates: "
         "use accumulation_steps=1, and no custom loss or per-loss gradients.")
+  if method.alternating and normalize_loss_weights:
+    raise ValueError(
+        f"method {type(method).__name__} alternates per-modality updates with "
+        "losses of its own: normalize_loss_weights does not apply to it.")
   checked: set[Any] = set()
 
   def check_tx_once(params, modalities):
@@ -535,6 +550,10 @@ def make_train_step(apply_fn: ApplyFn, tx: optax.GradientTransformation,
         loss, grads = jax.tree.map(lambda x: x / jnp.maximum(rows, 1.0),
                                    (loss, grads))
         method_aux = {}
+      if normalize_loss_weights:
+        k = len(inputs) if isinstance(inputs, Mapping) else 1
+        loss, grads = jax.tree.map(lambda x: x / (1.0 + gamma * k),
+                                   (loss, grads))
       stats, fused_stats, invalid = sums
       heldout = None
       if "heldout" in batch:

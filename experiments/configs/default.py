@@ -126,6 +126,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.optim.momentum = 0.9
   c.optim.weight_decay = 1e-4
   c.optim.clip_norm = 40.0
+  # Divide the loss by the sum of its weights (1 + gamma K), so the step size
+  # does not triple when warm-up ends (arl_jax.make_train_step); False: Eq.
+  # 22 as written (the paper's). Not for MLA (its own update loop).
+  c.optim.normalize_loss_weights = False
   c.optim.decay_epochs = (70,)
   c.optim.decay_factor = 0.1
   c.batch_size = 64
