@@ -51,17 +51,15 @@ METHOD_OVERRIDES = {"ogm_ge": {"method.alpha": 0.5},
                     "mla": {"model.fusion": "shared"}}
 
 # Training runs of the imbalance suite: row name -> config overrides.
+# (Variants of earlier tables, trained with --extended: VARIANT_RUNS.)
 IMBALANCE_RUNS = {
     "concat": {"method.name": "concat"},
     "UR": {"method.name": "unimodal_regularisation"},
     "ARL (train entropy, paper)": {"method.name": "arl"},
-    "ARL (held-out entropy)": {"method.name": "arl",
-                               "method.estimator": "heldout_entropy"},
     "ARL (held-out variance)": {"method.name": "arl",
                                 "method.estimator": "heldout_variance"},
-    "ARL (held-out variance, EMA 0.9)": {
-        "method.name": "arl", "method.estimator": "heldout_variance",
-        "method.ema": 0.9},
+    "ARL (held-out error)": {"method.name": "arl",
+                             "method.estimator": "heldout_error"},
     "OGM-GE": {"method.name": "ogm_ge", **METHOD_OVERRIDES["ogm_ge"]},
     "MMPareto": {"method.name": "mmpareto"},
     "AGM": {"method.name": "agm"},
@@ -69,10 +67,33 @@ IMBALANCE_RUNS = {
     "PMR": {"method.name": "pmr"},
     "G-Blending": {"method.name": "g_blending"},
     "MLA": {"method.name": "mla", **METHOD_OVERRIDES["mla"]},
+}
+VARIANT_RUNS = {
+    "ARL (held-out entropy)": {"method.name": "arl",
+                               "method.estimator": "heldout_entropy"},
+    "ARL (held-out variance, EMA 0.9)": {
+        "method.name": "arl", "method.estimator": "heldout_variance",
+        "method.ema": 0.9},
     "MLA (head-gradient projection)": {"method.name": "mla",
                                        "method.projection": "replace",
                                        **METHOD_OVERRIDES["mla"]},
 }
+# The real audio-visual digits (experiments/configs/av_digits.py): every
+# row of the synthetic problems, and UR with its held-out rows taken from
+# the training speakers (random rows) instead of a speaker of its own.
+REAL_PROBLEMS = {"av_digits": {}, "av_digits_lr1e-3": {
+    "optim.learning_rate": 0.001}}
+RANDOM_HELDOUT = {"data.heldout_by_group": False}
+REAL_EXTRA_RUNS = {
+    "UR (held-out rows from the training speakers)": {
+        "method.name": "unimodal_regularisation", **RANDOM_HELDOUT},
+    # Eq. 22 as written: the late collapse (collapse.png).
+    "UR (loss weights not normalised)": {
+        "method.name": "unimodal_regularisation",
+        "optim.normalize_loss_weights": False},
+}
+# At the low learning rate: the rows the target compares.
+LOW_LR_ROWS = ("concat", "UR", "ARL (held-out error)", "G-Blending")
 # Methods defined for two modalities only (no row with three modalities).
 TWO_MODALITIES_ONLY = ("PMR", "pmr")
 # Rows read from those runs' evaluation with weights at the fusion.
@@ -82,18 +103,50 @@ FUSION_ROWS = {
     "UR + calibrated fusion": ("UR", "calibrated"),
     "ARL (held-out variance) + calibrated fusion": ("ARL (held-out variance)",
                                                     "calibrated"),
+    "G-Blending + calibrated fusion": ("G-Blending", "calibrated"),
+    "UR (held-out rows from the training speakers) + inverse-variance fusion":
+        ("UR (held-out rows from the training speakers)", "inverse_variance"),
+    "UR (held-out rows from the training speakers) + calibrated fusion":
+        ("UR (held-out rows from the training speakers)", "calibrated"),
 }
+# Late fusion of the modalities trained alone (from their best-validation
+# predictions): mean of probabilities, product of experts (sum of
+# log-probabilities, the Bayes rule for conditionally independent
+# modalities) and its weighted form (weights fitted on validation rows).
+LATE_FUSION_ROWS = ("late fusion: mean of probabilities",
+                    "late fusion: product of experts",
+                    "late fusion: product of experts, validation-weighted")
+# The rows a method must beat ("best baseline": the best of these by mean).
+BASELINE_ROWS = ("stronger modality alone", "G-Blending") + LATE_FUSION_ROWS
 
 
-def imbalance_settings():
+# A synthetic problem left out of `make run` (its findings repeat those of
+# memorise_vs_parity; --extended trains it).
+EXTENDED_PROBLEMS = ("memorise_vs_parity_wide",)
+
+
+def imbalance_settings(extended: bool = True):
   from arl_jax import data
+  from experiments import configs
+  from experiments.configs import av_digits
   from experiments.configs import imbalance
   out = {}
   for name in data.IMBALANCE_SETTINGS:
+    if name in EXTENDED_PROBLEMS and not extended:
+      continue
     c = imbalance.get_config()
     c.data.setting = name
     out[name] = c
+  for name, overrides in REAL_PROBLEMS.items():
+    out[name] = configs.override(av_digits.get_config(), overrides)
   return out
+
+
+def modalities(problem: str) -> tuple[str, ...]:
+  from arl_jax import data
+  if problem in REAL_PROBLEMS:
+    return ("audio", "image")
+  return tuple(sorted(data.IMBALANCE_SETTINGS[problem]))
 
 
 def balanced_settings():
@@ -123,7 +176,7 @@ def balanced_settings():
   }
 
 
-def runs(suite: str) -> dict[str, dict[str, dict]]:
+def runs(suite: str, variants: bool = False) -> dict[str, dict[str, dict]]:
   """``{problem: {row: overrides}}`` of the training runs of a suite."""
   if suite == "balanced":
     out = {}
@@ -134,18 +187,30 @@ def runs(suite: str) -> dict[str, dict[str, dict]]:
                       for m in BALANCED_METHODS
                       if k == 2 or m not in TWO_MODALITIES_ONLY}
     return out
-  from arl_jax import data
   out = {}
-  for problem, modalities in data.IMBALANCE_SETTINGS.items():
+  for problem in imbalance_settings(extended=variants):
+    mods = modalities(problem)
     rows = {f"{m} alone": {"method.name": "concat", "data.only_modality": m}
-            for m in sorted(modalities)}
+            for m in mods}
+    train = {**IMBALANCE_RUNS, **(VARIANT_RUNS if variants else {})}
+    if problem in REAL_PROBLEMS:
+      train.update(REAL_EXTRA_RUNS)
+      if problem != "av_digits":
+        train = {r: o for r, o in train.items() if r in LOW_LR_ROWS}
     out[problem] = {**rows, **{
-        name: o for name, o in IMBALANCE_RUNS.items()
-        if len(modalities) == 2 or name not in TWO_MODALITIES_ONLY}}
+        name: o for name, o in train.items()
+        if len(mods) == 2 or name not in TWO_MODALITIES_ONLY}}
   return out
 
 
-def _config(suite: str, problem: str, overrides: dict, seed: int):
+def _prepare_real_data(workroot: pathlib.Path) -> None:
+  """Prepares FSDD once, before the worker processes read it."""
+  from arl_jax.data import fsdd
+  fsdd.prepare(workroot / "data")
+
+
+def _config(suite: str, problem: str, overrides: dict, seed: int,
+            workroot: pathlib.Path):
   base = (balanced_settings() if suite == "balanced"
           else imbalance_settings())[problem]
   from experiments import configs
@@ -154,6 +219,8 @@ def _config(suite: str, problem: str, overrides: dict, seed: int):
   c.plots = False
   c.progress = "none"
   c.checkpoint_every_epochs = c.num_epochs
+  if c.data.source == "av_digits":
+    c.data.prepared_dir = str(pathlib.Path(workroot) / "data")
   return c
 
 
@@ -177,15 +244,15 @@ def _run_one(task):
   start = time.perf_counter()
   if done.exists():            # a finished run: read back, not retrained
     return (problem, row, seed), json.loads(done.read_text()), None
-  report = train.train_and_evaluate(_config(suite, problem, overrides, seed),
-                                    workdir)
+  report = train.train_and_evaluate(
+      _config(suite, problem, overrides, seed, workroot), workdir)
   return (problem, row, seed), report, time.perf_counter() - start
 
 
 def run_all(suite: str, seeds, workroot: pathlib.Path, only=None,
-            workers: int = 1):
+            workers: int = 1, variants: bool = False):
   tasks = [(suite, problem, row, overrides, seed, str(workroot))
-           for problem, rows in runs(suite).items()
+           for problem, rows in runs(suite, variants).items()
            if not only or problem in only
            for row, overrides in rows.items() for seed in seeds]
   results, reused = {}, 0
@@ -210,18 +277,49 @@ def run_all(suite: str, seeds, workroot: pathlib.Path, only=None,
 
 # ------------------------------------------------------ imbalance tables --
 
-def _ensemble(workroot: pathlib.Path, problem: str, rows, seeds) -> list[dict]:
-  """Late fusion of the modalities trained alone: mean of probabilities."""
-  out = []
+def _fit_log_prob_weights(log_probs: list[np.ndarray], labels: np.ndarray,
+                          steps: int = 500, lr: float = 0.05) -> np.ndarray:
+  """Weights ``w >= 0`` maximising the likelihood of ``softmax(sum_m w_m
+  log p_m)`` on the given rows (Adam on ``log w`` from ``w = 1``)."""
+  import jax
+  import jax.numpy as jnp
+  import optax
+  terms = jnp.asarray(np.stack(log_probs), jnp.float32)
+  y = jnp.asarray(labels)
+
+  def loss(log_w):
+    z = jnp.einsum("k,kbc->bc", jnp.exp(log_w), terms)
+    return optax.softmax_cross_entropy_with_integer_labels(z, y).mean()
+
+  tx = optax.adam(lr)
+
+  def body(carry, _):
+    log_w, opt = carry
+    u, opt = tx.update(jax.grad(loss)(log_w), opt, log_w)
+    return (optax.apply_updates(log_w, u), opt), None
+
+  w0 = jnp.zeros(len(log_probs))
+  (log_w, _), _ = jax.lax.scan(body, (w0, tx.init(w0)), None, length=steps)
+  return np.exp(np.asarray(log_w))
+
+
+def _late_fusion(workroot: pathlib.Path, problem: str, rows, seeds
+                 ) -> dict[str, list[float]]:
+  """Test accuracy of the late-fusion rows (``LATE_FUSION_ROWS``) per seed,
+  from the alone models' best-validation predictions; the weighted product
+  of experts fits its weights on the validation rows (never on test)."""
+  out = {name: [] for name in LATE_FUSION_ROWS}
   for seed in seeds:
-    probs, labels = [], None
-    for row in rows:
-      z = np.load(workroot / problem / _slug(row) / f"seed{seed}" /
-                  "predictions.npz")
-      probs.append(np.exp(z["test_log_probs"]))
-      labels = z["test_labels"]
-    out.append({"test_accuracy_at_best_val": float(np.mean(
-        np.argmax(np.mean(probs, 0), -1) == labels))})
+    z = [np.load(workroot / problem / _slug(row) / f"seed{seed}" /
+                 "predictions.npz") for row in rows]
+    test = [np.asarray(p["test_log_probs"], np.float64) for p in z]
+    labels = z[0]["test_labels"]
+    w = _fit_log_prob_weights([p["validation_log_probs"] for p in z],
+                              z[0]["validation_labels"])
+    acc = lambda scores, y=labels: float(np.mean(np.argmax(scores, -1) == y))
+    out[LATE_FUSION_ROWS[0]].append(acc(np.mean(np.exp(test), 0)))
+    out[LATE_FUSION_ROWS[1]].append(acc(np.sum(test, 0)))
+    out[LATE_FUSION_ROWS[2]].append(acc(np.einsum("k,kbc->bc", w, test)))
   return out
 
 
@@ -239,10 +337,12 @@ def _row_values(reports, fusion=None):
 
 
 def _pm(values, signed=False):
+  """``mean ± sample std`` (ddof 1) in points."""
   v = 100 * np.asarray(values, np.float64)
   if np.all(np.isnan(v)):
     return "–"
-  return f"{v.mean():{'+' if signed else ''}.2f} ± {v.std():.2f}"
+  std = v.std(ddof=1) if len(v) > 1 else 0.0
+  return f"{v.mean():{'+' if signed else ''}.2f} ± {std:.2f}"
 
 
 def imbalance_rows(results, workroot, seeds):
@@ -251,10 +351,11 @@ def imbalance_rows(results, workroot, seeds):
   for problem, by_row in results.items():
     alone = [r for r in by_row if r.endswith(" alone")]
     rows = {r: _row_values(by_row[r]) for r in by_row}
-    ens = _ensemble(workroot, problem, alone, seeds)
-    rows["late-fusion ensemble of the alone models"] = (
-        [e["test_accuracy_at_best_val"] for e in ens], [np.nan] * len(ens),
-        [None] * len(ens), [None] * len(ens))
+    best_alone = max(alone, key=lambda r: np.mean(rows[r][0]))
+    rows["stronger modality alone"] = rows[best_alone]
+    for name, acc in _late_fusion(workroot, problem, alone, seeds).items():
+      rows[name] = (acc, [np.nan] * len(acc), [None] * len(acc),
+                    [None] * len(acc))
     for name, (run, fusion) in FUSION_ROWS.items():
       if run in by_row:
         rows[name] = _row_values(by_row[run], fusion)
@@ -289,12 +390,25 @@ def imbalance_markdown(results, rows, sig) -> str:
   lines = []
   for problem, by_row in rows.items():
     first = next(iter(results[problem].values()))[0]
-    uni = first["unimodal_bayes_accuracy"]
     s = sig[problem]
-    lines += [f"### {problem}", "",
-              f"Bayes-optimal test accuracy {100 * first['bayes_accuracy']:.2f}%"
-              " (unimodal: " + ", ".join(f"{m} {100 * v:.2f}%"
-                                         for m, v in uni.items()) + ").",
+    if "bayes_accuracy" in first:
+      uni = first["unimodal_bayes_accuracy"]
+      about = (f"Bayes-optimal test accuracy {100 * first['bayes_accuracy']:.2f}%"
+               " (unimodal: " + ", ".join(f"{m} {100 * v:.2f}%"
+                                          for m, v in uni.items()) + ").")
+    else:
+      sp = first.get("speakers", {})
+      about = ("Real recordings: test speaker(s) " + ", ".join(
+          sp.get("test", [])) + "; validation " + ", ".join(
+          sp.get("validation", [])) + "; held-out rows from " + ", ".join(
+          first.get("heldout_speakers", ["random training rows"])) + " (no "
+          "row of theirs trains); training " + ", ".join(
+          x for x in sp.get("train", [])
+          if x not in first.get("heldout_speakers", [])) + ".")
+    base_best = max((r for r in BASELINE_ROWS if r in by_row),
+                    key=lambda r: np.mean(by_row[r][0]))
+    lines += [f"### {problem}", "", about,
+              f"Best baseline (by mean): **{base_best}**.",
               f"Imbalance signature **{'holds' if s['holds'] else 'absent'}**: "
               f"concat − {s['strong']} alone = "
               f"{_pm(s['concat_minus_strong_alone'], True)} pts; linear probe "
@@ -302,11 +416,12 @@ def imbalance_markdown(results, rows, sig) -> str:
               f"{_pm(s['probe_inside_minus_alone'], True)} pts (test, paired "
               "over seeds; 'holds' = both negative for every seed).", "",
               "| row | test acc % (best val) | Δ vs concat | Δ vs UR | "
-              "test acc % (last) | Δ last vs concat | Δ last vs UR | "
-              "selected in warm-up |",
-              "|---|---|---|---|---|---|---|---|"]
+              "Δ vs best baseline | test acc % (last) | Δ last vs concat | "
+              "Δ last vs UR | selected in warm-up |",
+              "|---|---|---|---|---|---|---|---|---|"]
     base, base_last = by_row["concat"][0], by_row["concat"][1]
     ur, ur_last = by_row["UR"][0], by_row["UR"][1]
+    top = by_row[base_best][0]
     for name, (best, last, epochs, warm) in by_row.items():
       in_warm = [e is not None and w is not None and e <= w
                  for e, w in zip(epochs, warm)]
@@ -314,12 +429,13 @@ def imbalance_markdown(results, rows, sig) -> str:
                   if epochs[0] is not None else "–")
       lines.append(
           f"| {name} | {_pm(best)} | {_pm(np.subtract(best, base), True)} | "
-          f"{_pm(np.subtract(best, ur), True)} | {_pm(last)} | "
+          f"{_pm(np.subtract(best, ur), True)} | "
+          f"{_pm(np.subtract(best, top), True)} | {_pm(last)} | "
           f"{_pm(np.subtract(last, base_last), True)} | "
           f"{_pm(np.subtract(last, ur_last), True)} | {warm_txt} |")
     lines.append("")
     arl_rows = [r for r in results[problem] if r.startswith("ARL")]
-    mods = sorted(first["unimodal_bayes_accuracy"])
+    mods = modalities(problem)
     lines += ["ARL's coefficients at the last epoch (train-epoch mean; the "
               "encoder with the larger a_m is pushed harder), and the fitted "
               "fusion weights at the selected epoch:", "",
@@ -339,7 +455,6 @@ def imbalance_markdown(results, rows, sig) -> str:
     lines.append("")
     probes = [r for r in results[problem] if "probe_accuracy_at_best_val"
               in results[problem][r][0]]
-    mods = sorted(first["unimodal_bayes_accuracy"])
     lines += ["Linear probes of the frozen encoders (test accuracy %, best "
               "validation epoch):", "",
               "| run | " + " | ".join(mods) + " |",
@@ -366,13 +481,17 @@ def plot_imbalance(rows, results, workroot, out: pathlib.Path):
     acc = [100 * np.asarray(v[0]) for v in by.values()]
     colors = ["C2" if "alone" in r or "ensemble" in r else
               "C1" if "fusion" in r else "C0" for r in by]
+    colors = ["C2" if "alone" in r or "late fusion" in r else c
+              for r, c in zip(by, colors)]
     ax.barh(range(len(by)), [a.mean() for a in acc],
-            xerr=[a.std() for a in acc], color=colors, alpha=0.85)
-    bayes = next(iter(results[problem].values()))[0]["bayes_accuracy"]
-    ax.axvline(100 * bayes, color="k", ls="--", lw=1, label="Bayes")
+            xerr=[a.std(ddof=1) for a in acc], color=colors, alpha=0.85)
+    bayes = next(iter(results[problem].values()))[0].get("bayes_accuracy")
+    if bayes is not None:
+      ax.axvline(100 * bayes, color="k", ls="--", lw=1, label="Bayes")
     ax.axvline(np.mean(by["UR"][0]) * 100, color="C3", lw=0.8, label="UR")
     lo = min(a.mean() for a in acc)
-    ax.set_xlim(max(0, lo - 3), 100 * bayes + 2)
+    hi = 100 * bayes if bayes is not None else max(a.mean() for a in acc)
+    ax.set_xlim(max(0, lo - 3), min(100, hi + 2))
     ax.set_yticks(range(len(by)))
     ax.set_yticklabels(list(by), fontsize=7)
     ax.invert_yaxis()
@@ -391,14 +510,14 @@ def plot_estimators(results, workroot: pathlib.Path, out: pathlib.Path):
   import matplotlib.pyplot as plt
 
   from experiments import plots
-  estimator_rows = [r for r in IMBALANCE_RUNS if r.startswith("ARL")]
+  estimator_rows = [r for r in {**IMBALANCE_RUNS, **VARIANT_RUNS}
+                    if r.startswith("ARL")]
   names = list(results)
   fig, axes = plt.subplots(2, len(names), figsize=(4.6 * len(names), 7.0),
                            squeeze=False)
   for col, problem in enumerate(names):
     ax, ax_a = axes[0, col], axes[1, col]
-    mods = sorted(next(iter(results[problem].values()))[0][
-        "unimodal_bayes_accuracy"])
+    mods = modalities(problem)
     m, ref = mods[0], mods[-1]
     for i, row in enumerate(estimator_rows):
       path = workroot / problem / _slug(row) / "seed0" / "metrics.jsonl"
@@ -480,6 +599,10 @@ def main(argv=None):
   parser.add_argument("--workroot", default=None)
   parser.add_argument("--out", default=str(OUT))
   parser.add_argument("--only", nargs="*", default=None)
+  parser.add_argument("--extended", action="store_true",
+                      help="also memorise_vs_parity_wide and the ARL and MLA "
+                           "variants of earlier tables (held-out entropy, "
+                           "EMA, head-gradient projection)")
   parser.add_argument("--workers", type=int,
                       default=min(2, os.cpu_count() or 1))
   args = parser.parse_args(argv)
@@ -488,8 +611,10 @@ def main(argv=None):
                           args.suite)
   import jax
   start = time.perf_counter()
+  if args.suite == "imbalance":
+    _prepare_real_data(workroot)
   results, reused, total = run_all(args.suite, seeds, workroot, args.only,
-                                   args.workers)
+                                   args.workers, args.extended)
   shown = (os.path.relpath(workroot) if workroot.is_absolute()
            else str(workroot))
   reuse_note = (f" ({reused} of {total} runs read back from finished runs in "
@@ -514,14 +639,19 @@ def main(argv=None):
     rows = imbalance_rows(results, workroot, seeds)
     sig = signature(results)
     md = ("# Balancing methods where modality imbalance happens\n\n" + header +
-          f"- {len(seeds)} seeds per row (mean ± std); Δ columns are paired "
+          f"- {len(seeds)} seeds per row (mean ± sample std, ddof 1); Δ "
+          "columns are paired "
           "differences over seeds (same initialisation and batch order), in "
           "points; model selection on the validation split only, 'last' is "
           "the final epoch; 'selected in warm-up' counts seeds whose "
           "selected epoch lies in the warm-up, where ARL and UR are the same "
-          "computation. 10% of the training rows are held out from gradients "
-          "for every row; the held-out estimators and the fusion weights read "
-          "them (never the test split).\n\n"
+          "computation. Synthetic problems: 10% of the training rows are held "
+          "out from gradients for every row; av_digits: one whole training "
+          "speaker (about a quarter of the rows), unless the row says "
+          "otherwise; the held-out estimators and the fusion weights read "
+          "them (never the test split). 'Best baseline': the best by mean of "
+          "the stronger modality alone, G-Blending and the late fusions of "
+          "the alone models.\n\n"
           + imbalance_markdown(results, rows, sig))
     stem = "compare"
     plot_imbalance(rows, results, workroot, out)

@@ -201,6 +201,9 @@ def _check_values(config) -> None:
     raise ConfigError("config.model.encoder 'cnn' needs 2-D inputs: the "
                       "av_digits source (the audio-visual sources have their "
                       "own ResNets).")
+  _check(len(c.audio_pool) == 2 and all(_is_int(v) and 1 <= v <= 8
+                                         for v in c.audio_pool),
+         "data.audio_pool", "two integers in [1, 8]", c.audio_pool)
   _check(_is_number(c.image_energy_removed) and 0 <= c.image_energy_removed < 1,
          "data.image_energy_removed", "in [0, 1)", c.image_energy_removed)
   for name in ("nonlinear", "actor_disjoint", "skip_invalid",

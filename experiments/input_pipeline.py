@@ -63,10 +63,12 @@ def _imbalanced(setting, num_classes, sizes, seed):
 
 
 @functools.lru_cache(maxsize=2)
-def _av_digits(seed, image_energy_removed, prepared_dir, fsdd_path):
+def _av_digits(seed, image_energy_removed, prepared_dir, fsdd_path,
+               audio_pool):
   return av_digits.load_audio_visual_digits(
       seed=seed, image_energy_removed=image_energy_removed,
-      prepared_dir=prepared_dir or None, fsdd_root=fsdd_path or None)
+      prepared_dir=prepared_dir or None, fsdd_root=fsdd_path or None,
+      audio_pool=audio_pool)
 
 
 def _split_heldout(x, y, fraction: float, seed: int, groups=None):
@@ -115,10 +117,10 @@ def load_data(config, workdir: pathlib.Path, *, attach_heldout: bool = False,
             problem.bayes_true_class_variance)
     elif c.source == "av_digits":
       d = _av_digits(c.split_seed, float(c.image_energy_removed),
-                     c.prepared_dir, c.fsdd_path)
+                     c.prepared_dir, c.fsdd_path, tuple(c.audio_pool))
       splits, num_classes, groups = dict(d.splits), d.num_classes, d.groups
       extra = {"speakers": {s: sorted(set(g)) for s, g in groups.items()},
-               "input_shapes": dict(av_digits.INPUT_SHAPES)}
+               "input_shapes": av_digits.input_shapes(tuple(c.audio_pool))}
     else:
       d = data_lib.load_uci_multifeature(tuple(c.views), seed=c.split_seed)
       splits, num_classes = dict(d.splits), d.num_classes

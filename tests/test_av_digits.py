@@ -54,10 +54,11 @@ def test_every_pair_agrees_and_speakers_never_cross_splits(real, prepared):
                   == dict(zip(av_digits.SPLIT_NAMES,
                               av_digits.IMAGES_PER_DIGIT))[split])
   x, _ = real.splits["train"]
-  assert x["audio"].shape == (1200, 129 * 63) and x["image"].shape == (1200, 240)
+  assert x["audio"].shape == (1200, 43 * 31) and x["image"].shape == (1200, 240)
   np.testing.assert_allclose(x["audio"].mean(0), 0, atol=1e-4)   # train stats
   # The standardised audio of a pair is its recording's spectrogram.
-  a = speech.spectrograms[rows["test"][1][:3]].reshape(3, -1)
+  a = av_digits.pool_spectrograms(
+      speech.spectrograms[rows["test"][1][:3]]).reshape(3, -1)
   np.testing.assert_allclose(
       real.splits["test"][0]["audio"][:3],
       (a - real.mean["audio"]) / real.std["audio"], rtol=1e-4, atol=1e-4)
@@ -74,6 +75,15 @@ def test_pairing_is_deterministic_and_seeded(real, prepared):
                                     again.splits[s][0][m])
   assert set(other.groups["test"]) != set(real.groups["test"]) or not (
       np.array_equal(other.splits["test"][1], real.splits["test"][1]))
+
+
+def test_pooling_is_a_block_mean():
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(2, 129, 63))
+  got = av_digits.pool_spectrograms(x)
+  assert got.shape == (2, 43, 31)
+  np.testing.assert_allclose(got[1, 4, 7], x[1, 12:15, 14:16].mean(),
+                             rtol=1e-5)
 
 
 def test_pairing_refuses_too_few_recordings():

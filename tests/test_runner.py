@@ -377,3 +377,62 @@ def test_runner_passes_skip_invalid_to_the_preparation(tmp_path):
   assert [r["clip_id"] for r in json.loads(report.read_text())["skipped"]] == [
       clip]
   assert data.train_rows > 0
+
+
+# ------------------------------------------------------ audio-visual digits --
+
+def test_av_digits_run_holds_out_a_whole_speaker(tmp_path):
+  from arl_jax.data import fsdd
+  from experiments.configs import av_digits
+  if fsdd.default_root() is None:
+    pytest.skip("no local FSDD copy")
+  c = av_digits.get_config()
+  c.num_epochs, c.warmup_epochs, c.optim.decay_epochs = 2, 1, (2,)
+  c.method.name = "arl"
+  c.method.estimator = "heldout_error"
+  c.data.prepared_dir = str(tmp_path / "data")
+  c.progress, c.plots, c.parallel.devices = "none", False, 1
+  report = train.train_and_evaluate(c, tmp_path / "run")
+  speakers = report["speakers"]
+  held = report["heldout_speakers"]
+  assert len(held) == 1 and held[0] in speakers["train"]
+  assert not set(speakers["test"]) & set(speakers["train"])
+  assert set(report["probe_accuracy_last"]) == {"audio", "image"}
+  assert set(report["fusion"]["calibrated"]["weights_at_best_val"]) == {
+      "audio", "image"}
+  assert 0.1 < report["test_accuracy_last"] <= 1.0
+
+
+@pytest.mark.parametrize("overrides,match", [
+    ({"data.heldout_by_group": True}, "heldout_by_group needs a source"),
+    ({"model.encoder": "cnn"}, "encoder 'cnn' needs 2-D inputs"),
+    ({"optim.normalize_loss_weights": 1}, "normalize_loss_weights must be"),
+])
+def test_bad_grouping_and_encoder_configs_fail_before_training(
+    overrides, match, tmp_path):
+  with pytest.raises(train.ConfigError, match=match):
+    train.train_and_evaluate(tiny_imbalance(**overrides), tmp_path / "run")
+  assert not (tmp_path / "run").exists()
+
+
+def test_loss_jump_of_an_order_of_magnitude_is_flagged():
+  history = [{"train_loss": 1.8}, {"train_loss": 0.2}]
+  assert train._loss_jump(history, 0.9) is None
+  assert train._loss_jump(history, 2.1) == pytest.approx(10.5)
+  # A wobble of a nearly zero loss is not instability.
+  assert train._loss_jump([{"train_loss": 0.001}], 0.05) is None
+  assert train._loss_jump([], 30.0) is None
+
+
+def test_unstable_run_says_so_in_its_log(tmp_path, capfd):
+  # SGD at a learning rate far past its stability limit: the loss jumps but
+  # stays finite (clipping), and the log and the record say so.
+  c = tiny_synthetic(epochs=4, **{"method.name": "unimodal_regularisation",
+                                  "optim.learning_rate": 3.0,
+                                  "optim.clip_norm": 1.0})
+  train.train_and_evaluate(c, tmp_path / "run")
+  history = [json.loads(l) for l in
+             (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+  jumps = [h for h in history if "loss_jump" in h]
+  err = capfd.readouterr().err
+  assert jumps and "training is unstable" in err

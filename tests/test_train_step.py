@@ -330,3 +330,38 @@ def test_preprocess_runs_inside_the_step_with_its_own_keys():
   with pytest.raises(TypeError, match="preprocess only"):
     arl_jax.make_eval_step(user_model_apply, preprocess=lambda b: b,
                            batch_transform=lambda b: b)
+
+
+@pytest.mark.parametrize("names", [("audio", "visual"), ("x", "y", "z")])
+def test_normalized_loss_weights_divide_loss_and_update_by_their_sum(names):
+  # Plain SGD without momentum or clipping: the update is -lr * gradient, so
+  # the normalised step's update is the plain one over 1 + gamma_t K, with
+  # gamma_t the warm-up weight (1) first and gamma (4) after.
+  problem, state, _, _ = setup(arl_jax.UnimodalRegularisation(), names=names)
+  tx = optax.chain(arl_jax.scale_by_modality(labels_of), optax.sgd(0.1))
+  state = arl_jax.TrainState.create(params=state.params, tx=tx,
+                                    rng=jax.random.PRNGKey(1))
+  x, y = problem.splits["train"]
+  batch = {"inputs": {m: v[:32] for m, v in x.items()}, "labels": y[:32]}
+  method = arl_jax.UnimodalRegularisation(gamma=4.0, warmup_gamma=1.0)
+  k = len(names)
+  for warmup_steps, gamma in ((1, 1.0), (0, 4.0)):
+    steps = [jax.jit(arl_jax.make_train_step(
+        user_model_apply, tx, method, warmup_steps=warmup_steps,
+        check_tx=False, normalize_loss_weights=n)) for n in (False, True)]
+    (plain, mp), (norm, mn) = (s(state, batch) for s in steps)
+    np.testing.assert_allclose(mn["loss"], mp["loss"] / (1 + gamma * k),
+                               rtol=1e-6)
+    for a, b, p0 in zip(jax.tree.leaves(plain.params),
+                        jax.tree.leaves(norm.params),
+                        jax.tree.leaves(state.params)):
+      np.testing.assert_allclose(np.asarray(b) - p0,
+                                 (np.asarray(a) - p0) / (1 + gamma * k),
+                                 rtol=1e-4, atol=1e-7)
+
+
+def test_normalized_loss_weights_refused_for_alternating_methods():
+  _, state, _, tx = setup(arl_jax.ARL())
+  with pytest.raises(ValueError, match="normalize_loss_weights"):
+    arl_jax.make_train_step(user_model_apply, tx, arl_jax.MLA(),
+                            normalize_loss_weights=True)

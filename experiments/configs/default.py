@@ -34,6 +34,9 @@ def get_config() -> ml_collections.ConfigDict:
   # the FSDD copy (default: ../shared/data/fsdd or $ARL_JAX_FSDD).
   c.data.image_energy_removed = 0.0
   c.data.fsdd_path = ""
+  # av_digits: the spectrogram's mean-pooling blocks (frequency, time);
+  # (1, 1) keeps FSDD's full 129 x 63.
+  c.data.audio_pool = (3, 2)
   c.data.nonlinear = False
   c.data.num_classes = 6
   c.data.dim = 8
