@@ -8,6 +8,7 @@ through ``nnx.split``/``nnx.merge`` and wraps every leaf in a ``Param`` node.
 
 from arl_jax.models.builders import audio_visual_classifier
 from arl_jax.models.builders import multiview_classifier
+from arl_jax.models.cnn import ConvEncoder
 from arl_jax.models.fusion import ConcatFusion
 from arl_jax.models.fusion import FiLMFusion
 from arl_jax.models.fusion import GatedFusion
@@ -27,6 +28,7 @@ from arl_jax.models.resnet import SpectrogramEncoder
 __all__ = [
     "BasicBlock",
     "ConcatFusion",
+    "ConvEncoder",
     "FiLMFusion",
     "FrameEncoder",
     "GatedFusion",
