@@ -83,6 +83,15 @@ VARIANT_RUNS = {
 # the training speakers (random rows) instead of a speaker of its own.
 REAL_PROBLEMS = {"av_digits": {}, "av_digits_lr1e-3": {
     "optim.learning_rate": 0.001}}
+# With --extended: the full 129 x 63 spectrogram, where the late collapse of
+# Eq. 22 as written is strongest (UR and its unnormalised form only).
+EXTENDED_REAL_PROBLEMS = {
+    "av_digits_full_spectrogram": {"data.audio_pool": (1, 1)},
+    # Small CNN encoders on the spectrogram and the image.
+    "av_digits_cnn": {"model.encoder": "cnn"},
+}
+COLLAPSE_ROWS = ("UR", "UR (loss weights not normalised)")
+
 RANDOM_HELDOUT = {"data.heldout_by_group": False}
 REAL_EXTRA_RUNS = {
     "UR (held-out rows from the training speakers)": {
@@ -94,6 +103,10 @@ REAL_EXTRA_RUNS = {
 }
 # At the low learning rate: the rows the target compares.
 LOW_LR_ROWS = ("concat", "UR", "ARL (held-out error)", "G-Blending")
+# The training rows of each real problem besides the alone rows (None: all).
+REAL_ROWS = {"av_digits": None, "av_digits_lr1e-3": LOW_LR_ROWS,
+             "av_digits_full_spectrogram": ("concat",) + COLLAPSE_ROWS,
+             "av_digits_cnn": LOW_LR_ROWS}
 # Methods defined for two modalities only (no row with three modalities).
 TWO_MODALITIES_ONLY = ("PMR", "pmr")
 # Rows read from those runs' evaluation with weights at the fusion.
@@ -137,14 +150,15 @@ def imbalance_settings(extended: bool = True):
     c = imbalance.get_config()
     c.data.setting = name
     out[name] = c
-  for name, overrides in REAL_PROBLEMS.items():
+  real = {**REAL_PROBLEMS, **(EXTENDED_REAL_PROBLEMS if extended else {})}
+  for name, overrides in real.items():
     out[name] = configs.override(av_digits.get_config(), overrides)
   return out
 
 
 def modalities(problem: str) -> tuple[str, ...]:
   from arl_jax import data
-  if problem in REAL_PROBLEMS:
+  if problem in REAL_PROBLEMS or problem in EXTENDED_REAL_PROBLEMS:
     return ("audio", "image")
   return tuple(sorted(data.IMBALANCE_SETTINGS[problem]))
 
@@ -193,10 +207,10 @@ def runs(suite: str, variants: bool = False) -> dict[str, dict[str, dict]]:
     rows = {f"{m} alone": {"method.name": "concat", "data.only_modality": m}
             for m in mods}
     train = {**IMBALANCE_RUNS, **(VARIANT_RUNS if variants else {})}
-    if problem in REAL_PROBLEMS:
+    if problem in REAL_ROWS:
       train.update(REAL_EXTRA_RUNS)
-      if problem != "av_digits":
-        train = {r: o for r, o in train.items() if r in LOW_LR_ROWS}
+      if REAL_ROWS[problem] is not None:
+        train = {r: o for r, o in train.items() if r in REAL_ROWS[problem]}
     out[problem] = {**rows, **{
         name: o for name, o in train.items()
         if len(mods) == 2 or name not in TWO_MODALITIES_ONLY}}
@@ -502,6 +516,43 @@ def plot_imbalance(rows, results, workroot, out: pathlib.Path):
   plot_estimators(results, workroot, out)
 
 
+def plot_collapse(results, workroot: pathlib.Path, out: pathlib.Path):
+  """Training loss and test accuracy per epoch of UR with and without the
+  normalised loss weights, every seed, on the real problems."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  from experiments import plots
+  names = [p for p in results if all(r in results[p] for r in COLLAPSE_ROWS)]
+  if not names:
+    return
+  fig, axes = plt.subplots(2, len(names), figsize=(4.6 * len(names), 6.4),
+                           squeeze=False)
+  for col, problem in enumerate(names):
+    for i, row in enumerate(COLLAPSE_ROWS):
+      for seed_dir in sorted((workroot / problem / _slug(row)).glob("seed*")):
+        hist = [json.loads(l) for l in
+                (seed_dir / "metrics.jsonl").read_text().splitlines()]
+        ep = [h["epoch"] for h in hist]
+        label = row if seed_dir.name == "seed0" else None
+        axes[0, col].plot(ep, [h["train_loss"] for h in hist], color=f"C{i}",
+                          lw=1, label=label)
+        axes[1, col].plot(ep, [100 * h["test_accuracy"] for h in hist],
+                          color=f"C{i}", lw=1, label=label)
+    warm = next(iter(results[problem].values()))[0]["warmup_epochs"]
+    for ax in axes[:, col]:
+      ax.axvline(warm + 0.5, color="grey", ls=":", lw=1)
+    axes[0, col].set_yscale("log")
+    axes[0, col].set_ylabel("training loss (epoch mean)")
+    axes[0, col].set_title(f"{problem}: UR, every seed (end of warm-up "
+                           "dotted)", fontsize=8)
+    axes[0, col].legend(fontsize=6)
+    axes[1, col].set_ylabel("test accuracy % (diagnostic)")
+    axes[1, col].set_xlabel("epoch")
+  plots._save(fig, out / "collapse.png")
+
+
 def plot_estimators(results, workroot: pathlib.Path, out: pathlib.Path):
   """Each estimator's q ratio over training against the quantity it targets
   (top), and the coefficient a of the first modality it produces (bottom)."""
@@ -655,6 +706,7 @@ def main(argv=None):
           + imbalance_markdown(results, rows, sig))
     stem = "compare"
     plot_imbalance(rows, results, workroot, out)
+    plot_collapse(results, workroot, out)
     payload = {"runs": results, "signature": {
         p: {k: (v.tolist() if isinstance(v, np.ndarray) else v)
             for k, v in s.items()} for p, s in sig.items()}}
