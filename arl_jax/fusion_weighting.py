@@ -21,6 +21,9 @@ held-out rows (never the test split):
 
 * :func:`inverse_variance_weights`: ``w_m ∝ 1 / Var(softmax(p_m)[y])``
   (Eq. 16 for K modalities), scaled to sum to K;
+* :func:`inverse_error_weights`: ``w_m ∝ 1 / mean (1 - softmax(p_m)[y])^2``
+  (squared bias plus variance: a modality stuck at the class prior has a
+  small variance but a large error);
 * :func:`fit_fusion_weights`: the ``w`` that maximise the held-out
   likelihood of ``softmax(p_f^w)`` (a per-modality temperature: calibration
   of each modality's evidence).
@@ -34,6 +37,7 @@ from arl_jax._src.fusion_weighting import ADDITIVE_FUSIONS
 from arl_jax._src.fusion_weighting import WEIGHTINGS
 from arl_jax._src.fusion_weighting import check_additive
 from arl_jax._src.fusion_weighting import fit_fusion_weights
+from arl_jax._src.fusion_weighting import inverse_error_weights
 from arl_jax._src.fusion_weighting import inverse_variance_weights
 from arl_jax._src.fusion_weighting import weighted_fusion_logits
 
@@ -42,6 +46,7 @@ __all__ = [
     "WEIGHTINGS",
     "check_additive",
     "fit_fusion_weights",
+    "inverse_error_weights",
     "inverse_variance_weights",
     "weighted_fusion_logits",
 ]

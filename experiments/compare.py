@@ -113,6 +113,7 @@ TWO_MODALITIES_ONLY = ("PMR", "pmr")
 FUSION_ROWS = {
     "concat + calibrated fusion": ("concat", "calibrated"),
     "UR + inverse-variance fusion": ("UR", "inverse_variance"),
+    "UR + inverse-error fusion": ("UR", "inverse_error"),
     "UR + calibrated fusion": ("UR", "calibrated"),
     "ARL (held-out variance) + calibrated fusion": ("ARL (held-out variance)",
                                                     "calibrated"),

@@ -75,12 +75,14 @@ _statistics = jax.jit(arl_jax.modality_statistics)
 
 def fusion_weightings(fused: np.ndarray, unimodal: Mapping[str, np.ndarray],
                       labels: np.ndarray) -> dict[str, dict[str, float]]:
-  """``{"inverse_variance": {m: w}, "calibrated": {m: w}}`` from held-out rows."""
+  """``{"inverse_variance" | "inverse_error" | "calibrated": {m: w}}``,
+  fitted on held-out rows."""
   stats = _statistics(unimodal, labels)
   host = lambda w: {m: float(np.asarray(v)) for m, v in w.items()}
   return {
       "inverse_variance": host(
           fusion_weighting.inverse_variance_weights(stats)),
+      "inverse_error": host(fusion_weighting.inverse_error_weights(stats)),
       "calibrated": host(
           fusion_weighting.fit_fusion_weights(fused, unimodal, labels)),
   }

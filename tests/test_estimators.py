@@ -270,6 +270,30 @@ def test_inverse_variance_weights_against_numpy():
                              rtol=1e-4)
 
 
+@pytest.mark.parametrize("names", [("a", "b"), ("a", "b", "c")])
+def test_inverse_error_weights_against_numpy(names):
+  z, y = _logits(6, names, batch=64)
+  w = fusion_weighting.inverse_error_weights(arl_jax.modality_statistics(z, y))
+  inv = np.array([1 / np.mean((1 - _true_prob(z[m], y)) ** 2) for m in names])
+  np.testing.assert_allclose([w[m] for m in names],
+                             len(names) * inv / inv.sum(), rtol=1e-4)
+
+
+def test_a_modality_at_the_prior_gets_the_smallest_inverse_error_weight():
+  # An informative modality against one stuck at the class prior: inverse
+  # variance puts its largest weight on the prior (variance 0), inverse
+  # error its smallest.
+  rng = np.random.default_rng(3)
+  y = rng.integers(0, 4, 500).astype(np.int32)
+  z = {"good": (3.0 * np.eye(4)[y] + rng.normal(size=(500, 4))).astype(
+      np.float32), "prior": np.zeros((500, 4), np.float32)}
+  stats = arl_jax.modality_statistics(z, y)
+  err = fusion_weighting.inverse_error_weights(stats)
+  var = fusion_weighting.inverse_variance_weights(stats)
+  assert float(err["prior"]) < float(err["good"])
+  assert float(var["prior"]) > float(var["good"])
+
+
 def test_fitted_weights_recover_the_generating_ones():
   rng = np.random.default_rng(0)
   n, c = 4000, 4

@@ -16,7 +16,7 @@ from arl_jax._src.statistics import ModalityStatistics
 Array = jax.Array
 
 ADDITIVE_FUSIONS = ("concat", "sum")
-WEIGHTINGS = ("inverse_variance", "calibrated")
+WEIGHTINGS = ("inverse_variance", "inverse_error", "calibrated")
 
 
 def _bias_logits(fused: Array, unimodal: Mapping[str, Array]) -> Array:
@@ -67,6 +67,24 @@ def inverse_variance_weights(stats: Mapping[str, ModalityStatistics], *,
   names = _validation.modality_names(stats, "statistics")
   inv = jnp.stack([1.0 / jnp.maximum(stats_lib.true_class_variance(stats[m]),
                                      variance_floor) for m in names])
+  w = len(names) * inv / jnp.sum(inv)
+  w = jnp.where(jnp.all(jnp.isfinite(w)), w, 1.0)
+  return {m: w[i] for i, m in enumerate(names)}
+
+
+def inverse_error_weights(stats: Mapping[str, ModalityStatistics], *,
+                          error_floor: float = 1e-6) -> dict[str, Array]:
+  """``w_m = K (1/E_m) / sum_j (1/E_j)``, ``E_m = mean (1 - softmax(p_m)[y])^2``.
+
+  As :func:`inverse_variance_weights` with the mean squared error of the
+  true-class probability (squared bias plus variance,
+  :func:`arl_jax.statistics.true_class_error`) instead of its variance: a
+  modality whose predictions sit at the class prior (small variance, large
+  error) gets a small weight, not the largest.
+  """
+  names = _validation.modality_names(stats, "statistics")
+  inv = jnp.stack([1.0 / jnp.maximum(stats_lib.true_class_error(stats[m]),
+                                     error_floor) for m in names])
   w = len(names) * inv / jnp.sum(inv)
   w = jnp.where(jnp.all(jnp.isfinite(w)), w, 1.0)
   return {m: w[i] for i, m in enumerate(names)}
