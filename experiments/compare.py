@@ -678,10 +678,12 @@ def main(argv=None):
                  f"({run_s / 60 / args.workers:.1f} min per worker)")
   out = pathlib.Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
+  flags = (" --extended" if args.extended else "") + (
+      f" --only {' '.join(args.only)}" if args.only else "")
   header = (f"- command: `python -m experiments.compare --suite {args.suite} "
-            f"--seeds {len(seeds)}`"
-            + (" (README command 1: `make run`)" if args.suite == "imbalance"
-               else "") + "\n"
+            f"--seeds {len(seeds)}{flags}`"
+            + (" (README command 1: `make run`)"
+               if args.suite == "imbalance" and not flags else "") + "\n"
             f"- machine: {platform.machine()}, {os.cpu_count()} cores, Python "
             f"{platform.python_version()}, jax {jax.__version__}, backend "
             f"{jax.default_backend()}, {args.workers} worker processes; "
