@@ -13,16 +13,22 @@
   :class:`FrameAugmentation`: their crop/flip/resize on the accelerator.
 * :func:`prepare_fsdd` / :func:`load_fsdd`: the Free Spoken Digit Dataset
   (real speech, 3,000 recordings of 6 speakers) as a TFDS builder from a
-  verified local copy, and all of it as spectrogram arrays.
+  verified local copy, and all of it as spectrogram arrays;
+  :func:`load_audio_visual_digits`: those recordings paired with the UCI
+  handwritten digits, test and validation speakers never in training.
+* :func:`group_holdout`: a held-out slice made of whole groups (speakers,
+  subjects), so that it resembles unseen data.
 
 Modules: ``layouts`` (what a local copy holds), ``builders`` (the TFDS
 builders, :func:`prepare`), ``prepared`` (the storage format and its reader,
 :func:`load_prepared`), ``av_pipeline`` (batches), ``device_augment``,
-``fsdd`` (the Free Spoken Digit Dataset), ``batching`` (in-memory batches,
+``fsdd`` (the Free Spoken Digit Dataset), ``av_digits`` (its pairing with
+handwriting), ``batching`` (in-memory batches,
 the padded last batch), ``splits`` (stratified splits), ``synthetic``,
 ``uci_multifeature``, ``audio``.
 """
 
+from arl_jax.data.av_digits import load_audio_visual_digits
 from arl_jax.data.av_pipeline import batches as av_batches
 from arl_jax.data.batching import iterate_batches
 from arl_jax.data.builders import prepare
@@ -33,6 +39,7 @@ from arl_jax.data.layouts import AV_DATA_SETS
 from arl_jax.data.layouts import DataError
 from arl_jax.data.prepared import frame_canvas
 from arl_jax.data.prepared import load_prepared
+from arl_jax.data.splits import group_holdout
 from arl_jax.data.synthetic import IMBALANCE_SETTINGS
 from arl_jax.data.synthetic import ModalitySpec
 from arl_jax.data.synthetic import SyntheticProblem
@@ -52,7 +59,9 @@ __all__ = [
     "SyntheticProblem",
     "av_batches",
     "frame_canvas",
+    "group_holdout",
     "iterate_batches",
+    "load_audio_visual_digits",
     "load_fsdd",
     "load_prepared",
     "load_uci_multifeature",
