@@ -120,7 +120,8 @@ def load_data(config, workdir: pathlib.Path, *, attach_heldout: bool = False,
                      c.prepared_dir, c.fsdd_path, tuple(c.audio_pool))
       splits, num_classes, groups = dict(d.splits), d.num_classes, d.groups
       extra = {"speakers": {s: sorted(set(g)) for s, g in groups.items()},
-               "input_shapes": av_digits.input_shapes(tuple(c.audio_pool))}
+               "input_shapes": av_digits.input_shapes(tuple(c.audio_pool)),
+               "cnn_pool": dict(av_digits.CNN_POOL)}
     else:
       d = data_lib.load_uci_multifeature(tuple(c.views), seed=c.split_seed)
       splits, num_classes = dict(d.splits), d.num_classes

@@ -73,7 +73,8 @@ def build_model(config, data: Data):
   dims = {m: int(v.shape[-1]) for m, v in data.example.items()}
   cnn = {}
   if config.model.encoder == "cnn":
-    cnn = {"encoders": "cnn", "input_shapes": data.extra["input_shapes"]}
+    cnn = {"encoders": "cnn", "input_shapes": data.extra["input_shapes"],
+           "cnn_pool": data.extra["cnn_pool"]}
   return models.multiview_classifier(
       dims, data.num_classes, encoder_widths=tuple(config.model.encoder_widths),
       fusion=config.model.fusion, dtype=dtype, **cnn)

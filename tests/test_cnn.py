@@ -67,18 +67,22 @@ def _numpy_conv(y, p, s):
   return z + np.asarray(p["bias"], np.float64)
 
 
-def _numpy_encoder(params, x, channels, stride=1):
+def _numpy_encoder(params, x, channels, stride=1, pool="space"):
   """The encoder in float64 NumPy, without BatchNorm."""
   y = x.astype(np.float64)[..., None]
   for i, _ in enumerate(channels):
     z = _numpy_conv(y, params[f"conv{i + 1}"], stride if i == 0 else 1)
     y = _pool(np.maximum(z, 0.0))
-  feat = y.mean(axis=(1, 2))
+  if pool == "space":
+    feat = y.mean(axis=(1, 2))
+  else:              # mean over the second axis; first axis x channels kept
+    feat = y.mean(axis=2).reshape(len(y), -1)
   d = params["dense"]
   return np.maximum(feat @ np.asarray(d["kernel"], np.float64)
                     + np.asarray(d["bias"], np.float64), 0.0)
 
 
+@pytest.mark.parametrize("pool", ["space", "time"])
 @pytest.mark.parametrize("shape,channels,stride", [
     ((4, 5), (2,), 1),
     ((5, 4), (2, 3), 1),       # pools 5x4 -> 2x2 -> 1x1
@@ -86,9 +90,9 @@ def _numpy_encoder(params, x, channels, stride=1):
     ((7, 6), (3,), 2),         # strided first convolution
     ((9, 7), (2, 2), 3),       # non-overlapping 3x3 patches, 3x3 -> 1x1 -> 1x1
 ])
-def test_encoder_matches_float64_numpy(shape, channels, stride):
+def test_encoder_matches_float64_numpy(shape, channels, stride, pool):
   enc = models.ConvEncoder(shape, channels=channels, features=3,
-                           first_stride=stride, batch_norm=False)
+                           first_stride=stride, batch_norm=False, pool=pool)
   x = np.random.default_rng(1).normal(size=(3,) + shape).astype(np.float32)
   variables = _init(enc, x, seed=2)
   # Non-zero biases, so that they are checked too.
@@ -96,7 +100,8 @@ def test_encoder_matches_float64_numpy(shape, channels, stride):
       lambda p: p + 0.1 * np.random.default_rng(3).normal(size=p.shape)
       .astype(np.float32), variables["params"])
   got = enc.apply({"params": params}, x.reshape(3, -1))
-  want = _numpy_encoder(jax.tree.map(np.asarray, params), x, channels, stride)
+  want = _numpy_encoder(jax.tree.map(np.asarray, params), x, channels, stride,
+                        pool)
   assert np.any(want > 0)
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
   # The pre-pooling convolution alone, through Flax's intermediates.
@@ -224,3 +229,22 @@ def test_classifier_rejects_unflattened_cnn_input_naming_the_modality():
   inputs["audio"] = inputs["audio"].reshape(2, *AUDIO)
   with pytest.raises(ValueError, match=r"'audio'.*\[batch, 8127\]"):
     models.init_model(model, jax.random.PRNGKey(0), inputs)
+
+
+def test_time_pooling_keeps_frequency_positions():
+  # A pattern moved along time gives the same feature; moved along frequency
+  # it does not (with pool="space" both moves give the same feature).
+  x = np.zeros((1, 8, 8), np.float32)
+  x[0, 1, 1] = 1.0
+  moved_t = np.roll(x, 4, axis=2)
+  moved_f = np.roll(x, 4, axis=1)
+  for pool, same_f in (("time", False), ("space", True)):
+    enc = models.ConvEncoder((8, 8), channels=(2,), features=4,
+                             batch_norm=False, pool=pool)
+    v = _init(enc, x)
+    v = jax.tree.map(lambda p: p + 0.3, v)      # non-zero biases and kernels
+    f = lambda z, v=v, enc=enc: np.asarray(enc.apply(v, z))
+    np.testing.assert_allclose(f(moved_t), f(x), rtol=1e-6)
+    assert np.allclose(f(moved_f), f(x), rtol=1e-6) == same_f
+  with pytest.raises(ValueError, match="pool must be"):
+    _init(models.ConvEncoder((8, 8), pool="freq"), x)

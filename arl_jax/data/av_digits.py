@@ -50,6 +50,12 @@ AUDIO_SHAPE = (43, 31)
 INPUT_SHAPES = {"audio": AUDIO_SHAPE, "image": IMAGE_SHAPE}
 
 
+# How a ConvEncoder should pool each modality at the end: the spectrogram
+# over time only (where in frequency the energy is matters), the image over
+# both axes.
+CNN_POOL = {"audio": "time", "image": "space"}
+
+
 def input_shapes(audio_pool: tuple[int, int] = AUDIO_POOL
                  ) -> dict[str, tuple[int, int]]:
   """Each modality's 2-D shape for a pooling of FSDD's 129 x 63."""

@@ -46,6 +46,7 @@ def multiview_classifier(input_dims: Mapping[str, int], num_classes: int, *,
                          input_shapes: Mapping[str, tuple[int, int]] | None = None,
                          cnn_channels: Sequence[int] = (16, 32),
                          cnn_first_stride: Mapping[str, int] | int = 1,
+                         cnn_pool: Mapping[str, str] | str = "space",
                          dtype=jnp.float32,
                          **fusion_kwargs) -> MultimodalClassifier:
   """One encoder per view (any number of views) and a fusion head.
@@ -56,8 +57,10 @@ def multiview_classifier(input_dims: Mapping[str, int], num_classes: int, *,
   :class:`ConvEncoder` over ``input_shapes[m]`` (whose product must be
   ``input_dims[m]``: the input stays a flat row) with blocks
   ``cnn_channels``, first-convolution stride ``cnn_first_stride`` (one for
-  all, or ``{modality: stride}``, 1 for a modality left out) and
-  ``encoder_widths[-1]`` features.
+  all, or ``{modality: stride}``, 1 for a modality left out), final pooling
+  ``cnn_pool`` (``"space"`` or ``"time"``, one for all or ``{modality:
+  pool}``, ``"space"`` for a modality left out; see :class:`ConvEncoder`)
+  and ``encoder_widths[-1]`` features.
   """
   names = tuple(input_dims)
   if isinstance(encoders, str):
@@ -80,6 +83,12 @@ def multiview_classifier(input_dims: Mapping[str, int], num_classes: int, *,
   if unknown:
     raise ValueError(f"cnn_first_stride names unknown modalities "
                      f"{sorted(unknown)}; the inputs are {sorted(names)}.")
+  pools = (dict.fromkeys(names, cnn_pool) if isinstance(cnn_pool, str)
+           else dict.fromkeys(names, "space") | dict(cnn_pool))
+  unknown = set(pools) - set(names)
+  if unknown:
+    raise ValueError(f"cnn_pool names unknown modalities {sorted(unknown)}; "
+                     f"the inputs are {sorted(names)}.")
   modules = {}
   for m, d in input_dims.items():
     if kinds[m] == "mlp":
@@ -94,7 +103,8 @@ def multiview_classifier(input_dims: Mapping[str, int], num_classes: int, *,
                          f"flat input of width input_dims[{m!r}] = {d}.")
       modules[m] = ConvEncoder(shape, channels=tuple(cnn_channels),
                                features=int(encoder_widths[-1]),
-                               first_stride=int(strides[m]), dtype=dtype)
+                               first_stride=int(strides[m]), pool=pools[m],
+                               dtype=dtype)
     else:
       raise ValueError(f"unknown encoder {kinds[m]!r} for modality {m!r}; "
                        f"use 'mlp' or 'cnn'.")
