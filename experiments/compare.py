@@ -372,7 +372,9 @@ def imbalance_rows(results, workroot, seeds):
       rows[name] = (acc, [np.nan] * len(acc), [None] * len(acc),
                     [None] * len(acc))
     for name, (run, fusion) in FUSION_ROWS.items():
-      if run in by_row:
+      # (Runs finished before a weighting existed have no record of it.)
+      if run in by_row and all(fusion in r.get("fusion", {})
+                               for r in by_row[run]):
         rows[name] = _row_values(by_row[run], fusion)
     table[problem] = rows
   return table
@@ -463,7 +465,7 @@ def imbalance_markdown(results, rows, sig) -> str:
           + " |")
     for name, (run, fusion) in FUSION_ROWS.items():
       reps = results[problem].get(run)
-      if reps:
+      if reps and all(fusion in x.get("fusion", {}) for x in reps):
         w = [x["fusion"][fusion]["weights_at_best_val"] for x in reps]
         lines.append(f"| {name}: weights | " + " | ".join(
             f"w {np.mean([x[m] for x in w]):.2f}" for m in mods) + " |")
