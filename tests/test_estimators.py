@@ -343,3 +343,21 @@ def test_bad_imbalance_specs_are_named():
   with pytest.raises(ValueError, match="power of two"):
     make_imbalanced({"a": ModalitySpec("parity", 8),
                      "b": ModalitySpec("gaussian", 4)}, num_classes=6)
+
+
+def test_fit_fusion_weights_refuses_labels_out_of_range_and_bad_masks():
+  z, y = _logits(7, ("a", "b"), batch=32)
+  fused = z["a"] + z["b"]
+  for bad in (np.where(np.arange(32) == 3, -1, y), np.where(
+      np.arange(32) == 5, 4, y)):
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 4\)"):
+      fusion_weighting.fit_fusion_weights(fused, z, bad.astype(np.int32))
+  with pytest.raises(ValueError, match=r"mask must have shape \[batch\]"):
+    fusion_weighting.fit_fusion_weights(fused, z, y, np.ones((32, 1), bool))
+
+
+def test_label_modalities_refuses_a_bare_string():
+  with pytest.raises(TypeError, match="sequence of modality names"):
+    arl_jax.label_modalities("audio")
+  with pytest.raises(TypeError, match="must be strings"):
+    arl_jax.label_modalities(["audio", 3])

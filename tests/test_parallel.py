@@ -64,3 +64,22 @@ def test_failed_process_is_reported_and_others_stopped(tmp_path):
   with pytest.raises(RuntimeError, match="process 1 exited"):
     dp.launch(2, 2, STEPS, out=str(tmp_path), timeout=120, fail_process=1)
   assert time.monotonic() - start < 110
+
+
+def test_replicate_keeps_typed_prng_keys():
+  from arl_jax import parallel
+  tree = {"key": jax.random.key(3), "raw": jax.random.PRNGKey(4),
+          "w": np.arange(3.0, dtype=np.float32)}
+  n = jax.local_device_count()
+  r = parallel.replicate(tree)
+  assert jax.dtypes.issubdtype(r["key"].dtype, jax.dtypes.prng_key)
+  assert r["key"].shape == (n,) and r["raw"].shape == (n, 2)
+  for i in (0, n - 1):
+    np.testing.assert_array_equal(jax.random.key_data(r["key"][i]),
+                                  jax.random.key_data(tree["key"]))
+    np.testing.assert_array_equal(r["w"][i], tree["w"])
+  m = parallel.replicate_on_mesh(tree, parallel.data_mesh())
+  assert jax.dtypes.issubdtype(m["key"].dtype, jax.dtypes.prng_key)
+  np.testing.assert_array_equal(jax.random.key_data(m["key"]),
+                                jax.random.key_data(tree["key"]))
+  assert m["w"].sharding.is_fully_replicated

@@ -365,3 +365,15 @@ def test_normalized_loss_weights_refused_for_alternating_methods():
   with pytest.raises(ValueError, match="normalize_loss_weights"):
     arl_jax.make_train_step(user_model_apply, tx, arl_jax.MLA(),
                             normalize_loss_weights=True)
+
+
+def test_a_mask_of_shape_batch_by_one_is_named_as_such():
+  problem, state, step, _ = setup(arl_jax.ARL())
+  x, y = problem.splits["train"]
+  batch = {"inputs": {m: v[:8] for m, v in x.items()}, "labels": y[:8],
+           "mask": np.ones((8, 1), bool)}
+  with pytest.raises(ValueError, match=r"mask'\] must have shape \[batch\] = "
+                     r"\(8,\).*got shape \(8, 1\)"):
+    jax.jit(step)(state, batch)
+  with pytest.raises(ValueError, match=r"labels'\] must have shape \[batch\]"):
+    jax.jit(step)(state, {**batch, "mask": None, "labels": y[:8, None]})

@@ -99,12 +99,16 @@ def fit_fusion_weights(fused: Array, unimodal: Mapping[str, Array],
   Minimises the mean cross-entropy of :func:`weighted_fusion_logits` over
   ``log w`` (so ``w > 0``) from ``w = 1`` with Adam, ``steps`` full-batch
   steps (a K-parameter convex-in-practice problem; jitted). Fit on held-out
-  rows of the training distribution, never on the test split.
+  rows of the training distribution, never on the test split. Labels
+  outside ``[0, C)``, or a mask not of shape ``[batch]``, raise a
+  ValueError.
 
   Returns:
     ``{modality: w_m}``.
   """
-  names = _validation.modality_names(unimodal, "unimodal logits")
+  names, batch, classes = _validation.check_logits(unimodal)
+  _validation.check_labels(labels, batch, classes)   # values when concrete
+  _validation.check_mask(mask, batch)
   labels = jnp.asarray(labels)
   w_rows = (jnp.ones(labels.shape, jnp.float32) if mask is None
             else jnp.asarray(mask, jnp.float32))

@@ -65,9 +65,17 @@ def label_modalities(modalities: Sequence[str], *, other: str = "shared"
     >>> arl_jax.label_modalities(["audio", "visual"])(params)
     {'audio': {'w': 'audio'}, 'head': {'w': 'shared'}}
   """
+  if isinstance(modalities, (str, bytes)):
+    # frozenset("audio") would be the set of its letters.
+    raise TypeError(f"label_modalities takes a sequence of modality names, "
+                    f"e.g. [{modalities!r}, ...]; got the string "
+                    f"{modalities!r}.")
   wanted = frozenset(modalities)
   if not wanted:
     raise ValueError("label_modalities needs at least one modality name.")
+  bad = [m for m in wanted if not isinstance(m, str)]
+  if bad:
+    raise TypeError(f"modality names must be strings; got {bad}.")
 
   def labels(params: Any) -> Any:
     def label(path, _):

@@ -38,10 +38,30 @@ def replicate(tree: Any, devices: Sequence[jax.Device] | None = None,
   recompile.
   """
   devices = list(devices or jax.local_devices())
-  stacked = jax.tree.map(
-      lambda x: np.broadcast_to(np.asarray(x), (len(devices),) + np.shape(x)),
-      tree)
-  return jax.pmap(lambda t: t, axis_name=axis_name, devices=devices)(stacked)
+  leaves, treedef = jax.tree.flatten(tree)
+  impls = [_key_impl(x) for x in leaves]
+  stacked = [np.broadcast_to(np.asarray(_raw(x)), (len(devices),) + np.shape(
+      _raw(x))) for x in leaves]
+
+  def rewrap(raw):     # typed PRNG keys travel as their data, rewrapped here
+    return [x if i is None else jax.random.wrap_key_data(x, impl=i)
+            for x, i in zip(raw, impls)]
+
+  out = jax.pmap(rewrap, axis_name=axis_name, devices=devices)(stacked)
+  return jax.tree.unflatten(treedef, out)
+
+
+def _key_impl(x: Any):
+  """The PRNG implementation of a typed key array (``jax.random.key``), else
+  None (NumPy cannot hold typed keys: they travel as their key data)."""
+  if isinstance(x, jax.Array) and jax.dtypes.issubdtype(
+      x.dtype, jax.dtypes.prng_key):
+    return jax.random.key_impl(x)
+  return None
+
+
+def _raw(x: Any) -> Any:
+  return x if _key_impl(x) is None else jax.random.key_data(x)
 
 
 def unreplicate(tree: Any) -> Any:
@@ -93,9 +113,21 @@ def _put(x: Any, sharding: NamedSharding, global_shape=None) -> jax.Array:
 
 
 def replicate_on_mesh(tree: Any, mesh: Mesh) -> Any:
-  """Places a pytree (the same on every process) replicated over ``mesh``."""
+  """Places a pytree (the same on every process) replicated over ``mesh``.
+
+  Typed PRNG keys (``jax.random.key``) are placed as their key data and
+  rewrapped, so they stay typed keys.
+  """
   sharding = NamedSharding(mesh, P())
-  return jax.tree.map(lambda x: _put(x, sharding), tree)
+
+  def place(x):
+    impl = _key_impl(x)
+    if impl is None:
+      return _put(x, sharding)
+    return jax.random.wrap_key_data(_put(jax.random.key_data(x), sharding),
+                                    impl=impl)
+
+  return jax.tree.map(place, tree)
 
 
 def global_batch(local_batch: Any, mesh: Mesh, axis: str = DATA_AXIS) -> Any:

@@ -82,7 +82,16 @@ def _unpack_batch(batch: Mapping[str, Any]):
     raise ValueError(f"unknown batch keys {sorted(unknown)}; a batch has "
                      "'inputs', 'labels' and optionally 'mask' and "
                      "'heldout'.")
-  return batch["inputs"], batch["labels"], batch.get("mask")
+  labels, mask = batch["labels"], batch.get("mask")
+  if np.ndim(labels) != 1:
+    raise ValueError(f"batch['labels'] must have shape [batch]; got shape "
+                     f"{np.shape(labels)}.")
+  if mask is not None and np.shape(mask) != np.shape(labels):
+    # (A [batch, 1] mask would broadcast against the labels to [batch, batch].)
+    raise ValueError(f"batch['mask'] must have shape [batch] = "
+                     f"{np.shape(labels)}, like the labels; got shape "
+                     f"{np.shape(mask)}.")
+  return batch["inputs"], labels, mask
 
 
 def _has_scale_by_modality(opt_state: Any) -> bool:
