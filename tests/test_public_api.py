@@ -68,3 +68,34 @@ def test_the_src_modules_are_not_reexported_as_modules():
                "train_step"):
     with pytest.raises(ImportError):
       importlib.import_module(f"arl_jax.{name}")
+
+
+def test_register_method_replaces_a_rerun_definition_and_refuses_clashes():
+  import dataclasses
+  from typing import ClassVar
+
+  from arl_jax.methods import base
+
+  def define(doc):
+    @dataclasses.dataclass(frozen=True)
+    class Mine(arl_jax.Method):
+      __doc__ = doc
+      name: ClassVar[str] = "mine_for_test"
+    return Mine
+
+  try:
+    first = arl_jax.register_method(define("first"))
+    again = arl_jax.register_method(define("again"))   # a cell run twice
+    assert again is not first
+    assert arl_jax.methods.method_class("mine_for_test") is again
+
+    @dataclasses.dataclass(frozen=True)
+    class Other(arl_jax.Method):
+      name: ClassVar[str] = "mine_for_test"
+
+    with pytest.raises(ValueError, match="already registered .*replace=True"):
+      arl_jax.register_method(Other)
+    assert arl_jax.register_method(replace=True)(Other) is Other
+    assert arl_jax.methods.method_class("mine_for_test") is Other
+  finally:
+    base._REGISTRY.pop("mine_for_test", None)

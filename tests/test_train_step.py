@@ -377,3 +377,32 @@ def test_a_mask_of_shape_batch_by_one_is_named_as_such():
     jax.jit(step)(state, batch)
   with pytest.raises(ValueError, match=r"labels'\] must have shape \[batch\]"):
     jax.jit(step)(state, {**batch, "mask": None, "labels": y[:8, None]})
+
+
+def test_a_stateful_custom_method_without_its_state_is_named():
+  import dataclasses
+  from typing import ClassVar
+
+  @dataclasses.dataclass(frozen=True)
+  class Counting(arl_jax.Method):
+    name: ClassVar[str] = "counting_for_test"
+
+    def init_state(self, modalities):
+      return {"count": jnp.zeros(())}
+
+    def modulate(self, stats, heldout, state):
+      return self.modulation(stats), {"count": state["count"] + 1}
+
+  problem, state, _, tx = setup(arl_jax.ARL())
+  x, y = problem.splits["train"]
+  batch = {"inputs": {m: v[:8] for m, v in x.items()}, "labels": y[:8]}
+  step = arl_jax.make_train_step(user_model_apply, tx, Counting())
+  with pytest.raises(ValueError, match="keeps state, but the TrainState has "
+                     "none.*method=method"):
+    jax.jit(step)(state, batch)
+  good = arl_jax.TrainState.create(params=state.params, tx=tx,
+                                   rng=jax.random.PRNGKey(1),
+                                   method=Counting(),
+                                   modalities=tuple(x))
+  new, _ = jax.jit(step)(good, batch)
+  assert float(new.method_state["count"]) == 1.0

@@ -94,6 +94,20 @@ def _unpack_batch(batch: Mapping[str, Any]):
   return batch["inputs"], labels, mask
 
 
+def _check_method_state(method: Method, state: Any, modalities) -> None:
+  """A method that keeps state needs it in the TrainState (trace time only)."""
+  if jax.tree.leaves(state.method_state):
+    return
+  expected = jax.eval_shape(
+      lambda p: method.initial_state(tuple(sorted(modalities)), p),
+      state.params)
+  if jax.tree.leaves(expected):
+    raise ValueError(
+        f"method {type(method).__name__} keeps state, but the TrainState has "
+        "none: create it with TrainState.create(..., method=method, "
+        "modalities=[...]) (or method_state=method.init_state(modalities)).")
+
+
 def _has_scale_by_modality(opt_state: Any) -> bool:
   return any(isinstance(x, ScaleByModalityState) for x in jax.tree.leaves(
       opt_state, is_leaf=lambda x: isinstance(x, ScaleByModalityState)))
@@ -505,6 +519,7 @@ def make_train_step(apply_fn: ApplyFn, tx: optax.GradientTransformation,
     inputs, labels, mask = _unpack_batch(batch)
     if isinstance(inputs, Mapping):
       check_tx_once(state.params, tuple(inputs))
+      _check_method_state(method, state, tuple(inputs))
     in_warmup = state.step < warmup_steps
     gamma = jnp.where(in_warmup, method.warmup_gamma, method.gamma)
 

@@ -267,12 +267,27 @@ class Method:
 _REGISTRY: dict[str, type[Method]] = {}
 
 
-def register_method(cls: type[Method]) -> type[Method]:
-  """Makes a :class:`Method` subclass reachable by its ``name`` (a decorator)."""
-  if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
-    raise ValueError(f"a method named {cls.name!r} is already registered.")
-  _REGISTRY[cls.name] = cls
-  return cls
+def register_method(cls: type[Method] | None = None, *, replace: bool = False):
+  """Makes a :class:`Method` subclass reachable by its ``name`` (a decorator).
+
+  ``@register_method`` or ``@register_method(replace=True)``. A name already
+  taken by another class raises a ValueError, unless ``replace`` is True or
+  the new class is the same definition run again (same module and qualified
+  name: a notebook cell re-run, a module reloaded), which replaces the old.
+  """
+  def register(cls: type[Method]) -> type[Method]:
+    old = _REGISTRY.get(cls.name)
+    rerun = old is not None and (old.__module__, old.__qualname__) == (
+        cls.__module__, cls.__qualname__)
+    if old is not None and old is not cls and not (replace or rerun):
+      raise ValueError(
+          f"a method named {cls.name!r} is already registered "
+          f"({old.__module__}.{old.__qualname__}); choose another name or "
+          "use @register_method(replace=True) to replace it.")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+  return register if cls is None else register(cls)
 
 
 register_method(Method)
