@@ -295,27 +295,16 @@ def run_all(suite: str, seeds, workroot: pathlib.Path, only=None,
 def _fit_log_prob_weights(log_probs: list[np.ndarray], labels: np.ndarray,
                           steps: int = 500, lr: float = 0.05) -> np.ndarray:
   """Weights ``w >= 0`` maximising the likelihood of ``softmax(sum_m w_m
-  log p_m)`` on the given rows (Adam on ``log w`` from ``w = 1``)."""
-  import jax
-  import jax.numpy as jnp
-  import optax
-  terms = jnp.asarray(np.stack(log_probs), jnp.float32)
-  y = jnp.asarray(labels)
-
-  def loss(log_w):
-    z = jnp.einsum("k,kbc->bc", jnp.exp(log_w), terms)
-    return optax.softmax_cross_entropy_with_integer_labels(z, y).mean()
-
-  tx = optax.adam(lr)
-
-  def body(carry, _):
-    log_w, opt = carry
-    u, opt = tx.update(jax.grad(loss)(log_w), opt, log_w)
-    return (optax.apply_updates(log_w, u), opt), None
-
-  w0 = jnp.zeros(len(log_probs))
-  (log_w, _), _ = jax.lax.scan(body, (w0, tx.init(w0)), None, length=steps)
-  return np.exp(np.asarray(log_w))
+  log p_m)`` on the given rows: :func:`arl_jax.fusion_weighting.
+  fit_fusion_weights` with the log-probabilities as the terms and their sum
+  as the fused logits (so its bias term is zero)."""
+  from arl_jax import fusion_weighting
+  terms = {f"m{k:03d}": np.asarray(v, np.float32)   # sorted = list order
+           for k, v in enumerate(log_probs)}
+  fused = sum(terms[m] for m in sorted(terms))
+  w = fusion_weighting.fit_fusion_weights(fused, terms, np.asarray(labels),
+                                          steps=steps, learning_rate=lr)
+  return np.array([float(w[m]) for m in sorted(terms)])
 
 
 def _late_fusion(workroot: pathlib.Path, problem: str, rows, seeds

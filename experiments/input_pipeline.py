@@ -73,7 +73,8 @@ def _av_digits(seed, image_energy_removed, prepared_dir, fsdd_path,
 
 def _split_heldout(x, y, fraction: float, seed: int, groups=None):
   """Held-out rows of the training split: the last ``fraction`` of a seeded
-  permutation, or (``groups`` given) whole groups, about ``fraction``."""
+  permutation, or (``groups`` given) whole groups, about ``fraction``.
+  Returns ``(kept, held-out, held-out row indices)``."""
   n = len(y)
   if groups is not None:
     keep, held = splits_lib.group_holdout(groups, fraction, seed)
@@ -82,7 +83,7 @@ def _split_heldout(x, y, fraction: float, seed: int, groups=None):
     k = int(round(fraction * n))
     keep, held = np.sort(order[:n - k]), np.sort(order[n - k:])
   take = lambda idx: ({m: v[idx] for m, v in x.items()}, y[idx])
-  return take(keep), take(held)
+  return take(keep), take(held), held
 
 
 def _with_heldout(batches, heldout, batch_size: int, seed: int, epoch: int):
@@ -133,12 +134,10 @@ def load_data(config, workdir: pathlib.Path, *, attach_heldout: bool = False,
       extra["only_modality"] = c.only_modality
     heldout = None
     if c.heldout_fraction > 0:
-      splits["train"], heldout = _split_heldout(
+      splits["train"], heldout, held = _split_heldout(
           *splits["train"], c.heldout_fraction, c.split_seed,
           groups["train"] if c.heldout_by_group else None)
       if c.heldout_by_group:
-        keep, held = splits_lib.group_holdout(groups["train"],
-                                            c.heldout_fraction, c.split_seed)
         extra["heldout_speakers"] = sorted(set(groups["train"][held]))
     x, y = splits["train"]
     bs = config.batch_size

@@ -64,12 +64,8 @@ def inverse_variance_weights(stats: Mapping[str, ModalityStatistics], *,
   weights are those of Eq. 16 for K modalities, scaled so that equal
   variances give ``w = 1`` (the plain model).
   """
-  names = _validation.modality_names(stats, "statistics")
-  inv = jnp.stack([1.0 / jnp.maximum(stats_lib.true_class_variance(stats[m]),
-                                     variance_floor) for m in names])
-  w = len(names) * inv / jnp.sum(inv)
-  w = jnp.where(jnp.all(jnp.isfinite(w)), w, 1.0)
-  return {m: w[i] for i, m in enumerate(names)}
+  return _inverse_weights(stats, stats_lib.true_class_variance,
+                          variance_floor)
 
 
 def inverse_error_weights(stats: Mapping[str, ModalityStatistics], *,
@@ -82,9 +78,14 @@ def inverse_error_weights(stats: Mapping[str, ModalityStatistics], *,
   modality whose predictions sit at the class prior (small variance, large
   error) gets a small weight, not the largest.
   """
+  return _inverse_weights(stats, stats_lib.true_class_error, error_floor)
+
+
+def _inverse_weights(stats, spread, floor: float) -> dict[str, Array]:
+  """``w_m = K (1/S_m) / sum_j (1/S_j)``, ``S_m = max(spread(stats[m]),
+  floor)``; all ones when any weight is not finite (a modality without rows)."""
   names = _validation.modality_names(stats, "statistics")
-  inv = jnp.stack([1.0 / jnp.maximum(stats_lib.true_class_error(stats[m]),
-                                     error_floor) for m in names])
+  inv = jnp.stack([1.0 / jnp.maximum(spread(stats[m]), floor) for m in names])
   w = len(names) * inv / jnp.sum(inv)
   w = jnp.where(jnp.all(jnp.isfinite(w)), w, 1.0)
   return {m: w[i] for i, m in enumerate(names)}
