@@ -115,6 +115,14 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
                       "and trains model copies after epochs: with an "
                       "audio-visual source that runs in one process only "
                       f"(this run has {jax.process_count()} processes).")
+  gate = getattr(method, "gate_batch", 0)
+  if (getattr(method, "gating", None) == "batch_entropy" and gate
+      and config.eval_batch_size % gate):
+    raise ConfigError(
+        f"config.eval_batch_size {config.eval_batch_size} is not a multiple "
+        f"of method.gate_batch {gate}: MLA's gate is computed per {gate} "
+        "evaluation rows, so the evaluation batch must hold whole groups "
+        f"(e.g. {max(gate, config.eval_batch_size // gate * gate)}).")
   if method.needs_heldout and not c.heldout_fraction > 0:
     raise ConfigError(f"method {config.method.name!r} with these fields needs "
                       "held-out rows: set config.data.heldout_fraction (e.g. "

@@ -363,9 +363,14 @@ def _train_locked(config, workdir: pathlib.Path, topology,
                                     rng=jax.random.PRNGKey(config.seed + 1),
                                     method=method, modalities=data.modalities)
   apply_fn = models.make_apply_fn(model, with_features=method.needs_features)
+  # A method with its official epoch window (OGM-GE, AGM, PMR) replaces the
+  # shared warm-up by it.
+  warmup_epochs = (0 if method.modulation_window() is not None
+                   else config.warmup_epochs)
   train_step = topology.train_step(lambda axis_name: arl_jax.make_train_step(
       apply_fn, tx, method,
-      warmup_steps=config.warmup_epochs * data.steps_per_epoch,
+      warmup_steps=warmup_epochs * data.steps_per_epoch,
+      steps_per_epoch=data.steps_per_epoch,
       preprocess=data.train_preprocess,
       check_tx=config.optim.check_scales, axis_name=axis_name,
       normalize_loss_weights=(config.optim.normalize_loss_weights
@@ -392,7 +397,7 @@ def _train_locked(config, workdir: pathlib.Path, topology,
         modalities=data.modalities, num_classes=data.num_classes,
         features=functools.partial(_split_features, feature_fn, host_state,
                                    data, eval_preprocess=hook_preprocess),
-        seed=config.seed, fit_copy=fit_copy)
+        seed=config.seed, fit_copy=fit_copy, num_epochs=config.num_epochs)
 
   if method.has_epoch_hook:
     # "Epoch 0": before training (PMR's first prototypes, G-Blending's first
@@ -566,8 +571,9 @@ def _train_locked(config, workdir: pathlib.Path, topology,
       "method": config.method.name, "source": config.data.source,
       "seed": config.seed, "epochs": config.num_epochs,
       "best_epoch": meta["best_epoch"],
-      "best_epoch_in_warmup": meta["best_epoch"] <= config.warmup_epochs,
-      "warmup_epochs": config.warmup_epochs,
+      "best_epoch_in_warmup": meta["best_epoch"] <= warmup_epochs,
+      "warmup_epochs": warmup_epochs,
+      "modulation_window": method.modulation_window(),
       "val_accuracy_at_best": best["val_accuracy"],
       "test_accuracy_at_best_val": best["test_accuracy"],
       "test_macro_f1_at_best_val": best["test_macro_f1"],

@@ -75,7 +75,7 @@ def _step(names, seed, warmup_steps=0, running=None):
   params, x, y = make(names, seed)
   tx = arl_jax.with_modality_scales(optax.sgd(1.0),
                                     arl_jax.label_modalities(names))
-  method = arl_jax.AGM()
+  method = arl_jax.AGM(schedule="warmup")
   state = arl_jax.TrainState.create(
       params=jax.tree.map(lambda v: jnp.asarray(v, jnp.float32), params),
       tx=tx, rng=jax.random.PRNGKey(0), method=method, modalities=names)
@@ -172,7 +172,7 @@ def test_split_model_path_equals_whole_model_passes(k):
   for apply_fn in (split, whole):
     tx = arl_jax.with_modality_scales(optax.sgd(0.1),
                                       arl_jax.label_modalities(names))
-    method = arl_jax.AGM()
+    method = arl_jax.AGM(schedule="warmup")
     state = arl_jax.TrainState.create(params=params, tx=tx,
                                       model_state=model_state,
                                       rng=jax.random.PRNGKey(1),

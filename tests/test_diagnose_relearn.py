@@ -43,7 +43,7 @@ def _state(names):
                 "b": jnp.asarray(rng.normal(size=2), jnp.float32)}
             for m in names}
   params["head"] = {"w": jnp.asarray(rng.normal(size=(4, 3)), jnp.float32)}
-  method = arl_jax.DiagnoseRelearn(every=2, times=2)
+  method = arl_jax.DiagnoseRelearn(every=2, times=2, run_epochs=0)
   tx = arl_jax.with_modality_scales(optax.sgd(0.1),
                                     arl_jax.label_modalities(names))
   state = arl_jax.TrainState.create(params=params, tx=tx,
@@ -105,7 +105,7 @@ def test_schedule_every_and_at_most_times():
 
 def test_runner_reinitialises_and_records_it(tmp_path):
   c = tiny_synthetic(epochs=2, **{"method.name": "dr", "method.every": 1,
-                                  "method.times": 1})
+                                  "method.times": 1, "method.run_epochs": 0})
   train.train_and_evaluate(c, tmp_path / "dr")
   history = [json.loads(l) for l in
              (tmp_path / "dr" / "metrics.jsonl").read_text().splitlines()]

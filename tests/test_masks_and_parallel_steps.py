@@ -41,8 +41,9 @@ def _batch(rows=32, seed=0):
 
 # Every per-step rule (D&R's step is concat's; PMR and MLA: their own
 # tests below and in test_mla.py). G-Blending's weights are its state.
-METHODS = [arl_jax.ARL(temperature=4.0), arl_jax.OGMGE(alpha=0.5),
-           arl_jax.MMPareto(), arl_jax.AGM(), arl_jax.GBlending()]
+METHODS = [arl_jax.ARL(temperature=4.0),
+           arl_jax.OGMGE(alpha=0.5, schedule="warmup"), arl_jax.MMPareto(),
+           arl_jax.AGM(schedule="warmup"), arl_jax.GBlending()]
 IDS = ["arl", "ogm_ge", "mmpareto", "agm", "g_blending"]
 
 
@@ -121,8 +122,8 @@ def _pmr_batches(count=2):
 def _pmr_setup(axis_name=None):
   """PMR with its prototypes set: audio's are its class means on the first
   batch, visual's far random points (rho > 1: visual's prototype loss on)."""
-  state, step = _setup(arl_jax.PMR(), axis_name=axis_name, adam=True,
-                       apply_fn=_apply_with_features)
+  state, step = _setup(arl_jax.PMR(schedule="warmup"), axis_name=axis_name,
+                       adam=True, apply_fn=_apply_with_features)
   (batch,) = _pmr_batches(1)
   (_, _, feats), _ = _apply_with_features(state.params, None, batch["inputs"],
                                           train=False, rng=None)

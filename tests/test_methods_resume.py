@@ -11,7 +11,7 @@ from test_runner import check_sigkill_and_resume
     {"method.name": "agm"},
     # D&R's initial encoders and count, and its re-initialisation after
     # epoch 3 (0-based 2), after the resume from checkpoint 2.
-    {"method.name": "dr", "method.every": 2},
+    {"method.name": "dr", "method.every": 2, "method.run_epochs": 0},
     # PMR's prototypes (set by its epoch hook, used by every step).
     {"method.name": "pmr"},
     # G-Blending's weights (estimated at epochs 0 and 2 on model copies).

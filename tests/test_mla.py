@@ -1,6 +1,8 @@
 """MLA: alternating masked sub-steps, the projection and the gated fusion,
 against an independent float64 NumPy computation."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -200,7 +202,7 @@ def test_gated_fusion_matches_numpy_and_ignores_padded_rows():
   valid = np.array([True] * 7 + [False] * 3)
   z_padded = {m: np.where(valid[:, None], v, 1e4).astype(np.float32)
               for m, v in z.items()}
-  got = arl_jax.MLA().eval_logits(None, z_padded, valid)
+  got = arl_jax.MLA(gate_batch=0).eval_logits(None, z_padded, valid)
   g = _gates_numpy(z, valid)
   want = sum(g[m] * np.float64(z_padded[m]) for m in NAMES)
   np.testing.assert_allclose(np.asarray(got)[valid], want[valid], rtol=1e-5)
@@ -221,7 +223,7 @@ def test_gated_fusion_matches_numpy_and_ignores_padded_rows():
 
 def test_eval_step_scores_the_gated_fusion():
   names = NAMES[:2]
-  method = arl_jax.MLA()
+  method = arl_jax.MLA(gate_batch=0)
   state, _ = make(method, names)
   b = batch(names, 1)
   out = jax.jit(arl_jax.make_eval_step(apply_fn, method=method))(state, b)
@@ -252,17 +254,20 @@ def test_data_parallel_equals_one_device(mode):
   jax.tree.map(close, jax.device_get(st.method_state),
                jax.device_get(state.method_state))
   close(metrics["loss"], ref["loss"])
-  # The batch-entropy gates over the global batch under pmap too.
+  # The batch-entropy gates over the global batch under pmap too
+  # (gate_batch=0), and per group of rows (a device holds whole groups).
   valid = batches[0]["mask"]
-  ev = arl_jax.make_eval_step(apply_fn, method=method)
-  want = jax.jit(ev)(state, batches[0])
-  pev = jax.pmap(lambda s, b: arl_jax.make_eval_step(
-      apply_fn, method=method, axis_name="batch")(s, b), axis_name="batch",
-                 devices=devices)
-  got = pev(parallel.replicate(state, devices, "batch"),
-            parallel.shard_batch(batches[0], 4))
-  close(np.asarray(got["fused_logits"]).reshape(32, C)[valid],
-        np.asarray(want["fused_logits"])[valid])
+  for gated in (dataclasses.replace(method, gate_batch=0),
+                dataclasses.replace(method, gate_batch=4)):
+    ev = arl_jax.make_eval_step(apply_fn, method=gated)
+    want = jax.jit(ev)(state, batches[0])
+    pev = jax.pmap(lambda s, b, gated=gated: arl_jax.make_eval_step(
+        apply_fn, method=gated, axis_name="batch")(s, b), axis_name="batch",
+                   devices=devices)
+    got = pev(parallel.replicate(state, devices, "batch"),
+              parallel.shard_batch(batches[0], 4))
+    close(np.asarray(got["fused_logits"]).reshape(32, C)[valid],
+          np.asarray(want["fused_logits"])[valid])
 
 
 def test_bad_fields_and_missing_head_are_named():

@@ -87,7 +87,7 @@ def test_step_matches_the_oracle_on_both_sides_of_the_switch(tight):
   protos = _protos(params, x, y, tight)
   tx = arl_jax.with_modality_scales(optax.sgd(1.0),
                                     arl_jax.label_modalities(NAMES))
-  method = arl_jax.PMR()
+  method = arl_jax.PMR(schedule="warmup")
   state = arl_jax.TrainState.create(
       params=jax.tree.map(lambda v: jnp.asarray(v, jnp.float32), params),
       tx=tx, rng=jax.random.PRNGKey(0), method=method, modalities=NAMES)
@@ -112,7 +112,7 @@ def test_step_matches_the_oracle_on_both_sides_of_the_switch(tight):
 
 
 def test_prototypes_replace_after_epoch_1_and_blend_later():
-  method = arl_jax.PMR(fraction=1.0, mu=0.25)
+  method = arl_jax.PMR(fraction=1.0, mu=0.25, schedule="warmup")
   rng = np.random.default_rng(0)
   y = np.array([0, 0, 1, 1, 2, 2])
   feats = [{m: rng.normal(size=(6, 2)) for m in NAMES} for _ in range(3)]
@@ -139,15 +139,16 @@ def test_prototypes_replace_after_epoch_1_and_blend_later():
 
 def test_three_modalities_and_missing_prototypes_are_named():
   with pytest.raises(ValueError, match="two modalities"):
-    arl_jax.PMR().init_state(("a", "b", "c"))
+    arl_jax.PMR(schedule="warmup").init_state(("a", "b", "c"))
   params, x, y = make(0)
   tx = arl_jax.with_modality_scales(optax.sgd(1.0),
                                     arl_jax.label_modalities(NAMES))
   state = arl_jax.TrainState.create(
       params=jax.tree.map(jnp.asarray, params), tx=tx,
-      rng=jax.random.PRNGKey(0), method=arl_jax.PMR(), modalities=NAMES)
+      rng=jax.random.PRNGKey(0), method=arl_jax.PMR(schedule="warmup"),
+      modalities=NAMES)
   with pytest.raises(ValueError, match="needs its prototypes"):
-    arl_jax.make_train_step(apply, tx, arl_jax.PMR())(
+    arl_jax.make_train_step(apply, tx, arl_jax.PMR(schedule="warmup"))(
         state, {"inputs": x, "labels": y})
 
 

@@ -158,7 +158,7 @@ def test_features_of_a_split_read_every_row_once_in_evaluation_mode(prepared):
 
 @pytest.mark.parametrize("name,overrides", [
     ("pmr", {"data.augment": "device"}),
-    ("dr", {"method.every": 1, "method.times": 1}),
+    ("dr", {"method.every": 1, "method.times": 1, "method.run_epochs": 0}),
     ("g_blending", {"method.super_epoch": 1, "data.augment": "device"}),
 ])
 def test_epoch_hook_methods_train_on_audio_visual_data(name, overrides,

@@ -41,7 +41,8 @@ def test_entropy_floor_keeps_q_finite_on_saturated_predictions():
   saturated = jnp.eye(3)[labels] * 1e4          # entropy underflows to 0
   logits = {"audio": saturated, "visual": saturated * 0.0}
   q = arl_jax.unimodal_inverse_variance(logits)
-  assert float(q["audio"]) == pytest.approx(1.0 / arl_jax.statistics.DEFAULT_ENTROPY_FLOOR)
+  assert float(q["audio"]) == pytest.approx(
+      1.0 / arl_jax.statistics.DEFAULT_ENTROPY_FLOOR)
   np.testing.assert_allclose(q["visual"], 1.0 / np.log(3.0), rtol=1e-6)
   q = arl_jax.unimodal_inverse_variance(logits, entropy_floor=1e-3)
   assert float(q["audio"]) == pytest.approx(1e3)

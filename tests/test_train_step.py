@@ -161,7 +161,7 @@ def _oracle(name, kwargs, z, y):
     ("arl_no_residual", {"temperature": 4.0}, 4.0),
     ("arl_released", {"temperature": 8.0}, 4.0),
     ("arl_released_applied", {"temperature": 8.0}, 4.0),
-    ("ogm_ge", {"alpha": 0.5}, 0.0),
+    ("ogm_ge", {"alpha": 0.5, "schedule": "warmup"}, 0.0),
 ])
 def test_every_method_matches_its_oracle_on_the_steps_own_logits(name, kwargs,
                                                                  gamma):
@@ -196,7 +196,7 @@ def test_ogm_ge_noise_only_after_warmup_with_the_gradients_std():
     state = arl_jax.TrainState.create(params=params, tx=tx,
                                       rng=jax.random.PRNGKey(1))
     step = jax.jit(arl_jax.make_train_step(
-        user_model_apply, tx, arl_jax.OGMGE(alpha=0.5, noise=noise),
+        user_model_apply, tx, arl_jax.OGMGE(alpha=0.5, noise=noise, schedule="warmup"),
         warmup_steps=1))
     out = []
     for b in batches:

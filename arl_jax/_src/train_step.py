@@ -213,6 +213,7 @@ def make_train_step(apply_fn: ApplyFn, tx: optax.GradientTransformation,
                     check_tx: bool = True,
                     normalize_loss_weights: bool = False,
                     batch_transform: Callable | None = None,
+                    steps_per_epoch: int | None = None,
                     ) -> Callable[[TrainState, Mapping[str, Any]],
                                   tuple[TrainState, dict[str, Any]]]:
   """Builds the training step of a balancing ``method`` (ARL by default use).
@@ -233,6 +234,12 @@ def make_train_step(apply_fn: ApplyFn, tx: optax.GradientTransformation,
   method.warmup_gamma`` (1 for ARL: "no modulation, unimodal weight 1");
   afterwards ``gamma_t = method.gamma`` and the method's scales apply. The
   coefficients are computed and reported throughout.
+
+  A method with an epoch window of its own (``method.modulation_window()``,
+  OGM-GE, AGM and PMR as in their official code) replaces the warm-up by
+  it: the step of epoch ``e = t // steps_per_epoch`` runs as in warm-up
+  unless ``first <= e <= last``. It needs ``steps_per_epoch`` and
+  ``warmup_steps=0``.
 
   Bad rows never train: rows with ``mask`` False, and rows whose label is
   outside ``[0, C)`` (counted in ``metrics["invalid_labels"]``; eagerly the
@@ -292,12 +299,15 @@ def make_train_step(apply_fn: ApplyFn, tx: optax.GradientTransformation,
       accuracy collapses late (README, "The late collapse"). Not for
       methods with their own update loop (``alternating``: MLA).
     batch_transform: deprecated name of ``preprocess``.
+    steps_per_epoch: training steps per epoch, for a method with an epoch
+      window (ignored otherwise).
 
   Returns:
     ``train_step(state, batch) -> (state, metrics)``; ``batch`` is
     ``{"inputs": {modality: x}, "labels": y, "mask": optional bool [batch]}``.
     ``metrics`` holds scalars ``loss``, ``fused_loss``, ``accuracy``,
-    ``gamma``, ``warmup``, ``grad_norm``, ``update_skipped``,
+    ``gamma``, ``warmup`` (1 where the modulation is off: warm-up, or
+    outside the method's window), ``grad_norm``, ``update_skipped``,
     ``invalid_labels``, the method's own diagnostics (ARL:
     ``invalid_temperature``) and per-modality mappings ``q``, ``s``, ``a``,
     ``scale``, ``unimodal_loss``, ``unimodal_accuracy``, ``nonfinite_rows``
@@ -312,6 +322,21 @@ def make_train_step(apply_fn: ApplyFn, tx: optax.GradientTransformation,
   preprocess = _renamed(preprocess, batch_transform, "make_train_step")
   _check_int(warmup_steps, "warmup_steps", 0)
   _check_int(accumulation_steps, "accumulation_steps", 1)
+  window = method.modulation_window()
+  if window is not None:
+    if steps_per_epoch is None:
+      raise ValueError(
+          f"{type(method).__name__} modulates in epochs {window[0]} to "
+          f"{window[1]} (its official window): pass steps_per_epoch= to "
+          "make_train_step, or build the method with schedule='warmup' to "
+          "use warmup_steps instead.")
+    _check_int(steps_per_epoch, "steps_per_epoch", 1)
+    if not isinstance(warmup_steps, jax.core.Tracer) and warmup_steps:
+      raise ValueError(
+          f"{type(method).__name__} modulates in epochs {window[0]} to "
+          f"{window[1]} (its official window), which replaces the warm-up: "
+          f"use warmup_steps=0 (got {warmup_steps}), or build the method "
+          "with schedule='warmup'.")
   custom_loss = type(method).loss is not Method.loss
   if custom_loss and (accumulation_steps > 1 or method.per_loss_gradients):
     raise ValueError(
@@ -520,7 +545,11 @@ def make_train_step(apply_fn: ApplyFn, tx: optax.GradientTransformation,
     if isinstance(inputs, Mapping):
       check_tx_once(state.params, tuple(inputs))
       _check_method_state(method, state, tuple(inputs))
-    in_warmup = state.step < warmup_steps
+    if window is None:
+      in_warmup = state.step < warmup_steps
+    else:
+      epoch = state.step // steps_per_epoch
+      in_warmup = (epoch < window[0]) | (epoch > window[1])
     gamma = jnp.where(in_warmup, method.warmup_gamma, method.gamma)
 
     def weight_of(count):       # share of the global batch held here

@@ -25,10 +25,13 @@ Follows the official code (``lihong2303/AGM``, ``model/CREMAD_net.py``,
 ``run/CREMAD_main.py``): the sign of ``r`` (BalanceBenchmark reverses it,
 METHODS_SPEC.md 3.3; the author confirmed the official one), the clamp 10
 (``clamp=inf`` is the AVE script), gradients through the zeroed passes.
-Differences: the modulation is off (``c = 1``) during warm-up instead of
-outside a [start, end] epoch window, and the official "clip the whole
-gradient to norm 1 when a head gradient entry leaves [-1, 1]" is not
-reproduced (the runner clips the global norm, 40). K > 2 uses the Shapley
+Schedule as the official code: ``c`` is recomputed only in epochs
+``modulation_starts <= e <= modulation_ends`` (0-based; official 0 and 20)
+and keeps its last value outside them (1 before the first update), while
+``S`` updates at every step; ``schedule="warmup"``: recomputed after the
+train step's warm-up (``c = 1`` during it). Difference: the official "clip
+the whole gradient to norm 1 when a head gradient entry leaves [-1, 1]" is
+not reproduced (the runner clips the global norm, 40). K > 2 uses the Shapley
 value over all ``2^K - 1`` non-empty subsets (one extra batched forward
 pass of ``(2^K - 2) x batch`` rows) and ``K/(K-1)``, which is the official
 rule at K = 2.
@@ -47,6 +50,8 @@ import jax.numpy as jnp
 from arl_jax.methods.base import Method
 from arl_jax.methods.base import Modulation
 from arl_jax.methods.base import _check_concrete
+from arl_jax.methods.base import check_window
+from arl_jax.methods.base import official_window
 from arl_jax.methods.base import register_method
 
 
@@ -116,14 +121,23 @@ class AGM(Method):
   Attributes:
     alpha: modulation strength (official default 1.0).
     clamp: upper clamp of ``r^ - r`` (official CREMA-D 10; ``inf``: AVE).
+    schedule: ``"window"`` (official) or ``"warmup"``.
+    modulation_starts, modulation_ends: the window's first and last epoch.
   """
   name: ClassVar[str] = "agm"
   alpha: float = 1.0
   clamp: float = 10.0
+  schedule: str = "window"
+  modulation_starts: int = 0
+  modulation_ends: int = 20
 
   def __post_init__(self):
     super().__post_init__()
     _check_concrete(self.alpha, "alpha", lambda v: v > 0, "> 0")
+    check_window(self)
+
+  def modulation_window(self):
+    return official_window(self)
 
   def init_state(self, modalities):
     zero = lambda: jnp.zeros((), jnp.float32)
@@ -147,7 +161,10 @@ class AGM(Method):
       scores[m] = ctx.global_mean(-jnp.maximum(true, jnp.log(1e-8)))
     c = agm_coefficients(scores, ctx.state["running"], self.alpha,
                          self.clamp)
-    c = {m: jnp.where(ctx.active, v, 1.0) for m, v in c.items()}
+    # Outside the window (or during warm-up) the last coefficient is kept,
+    # as the official backward hooks keep theirs (1 before the first).
+    c = {m: jnp.where(ctx.active, v, ctx.state["coefficients"][m])
+         for m, v in c.items()}
     out = sum(c[m] * phi[m] + (1.0 - c[m]) * jax.lax.stop_gradient(phi[m])
               for m in names)
     loss = ctx.cross_entropy(out)

@@ -43,6 +43,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from arl_jax._src import losses
 from arl_jax._src.statistics import ModalityStatistics
@@ -63,7 +64,9 @@ class EpochContext(NamedTuple):
 
   ``features(split)`` returns ``({modality: [rows, dim]}, labels)``: the
   encoders' evaluation-mode features of every row of ``"train"`` or
-  ``"validation"`` (never the test split); ``fit_copy``: see below.
+  ``"validation"`` (never the test split); ``num_epochs``: the length of
+  the run (D&R scales its official 90-epoch schedule to it); ``fit_copy``:
+  see below.
   """
   modalities: tuple
   num_classes: int
@@ -74,6 +77,7 @@ class EpochContext(NamedTuple):
   # on CE of the fused logits with the inputs outside ``keep`` zeroed;
   # per copy-epoch sums of per-batch mean losses (G-Blending).
   fit_copy: Any = None
+  num_epochs: int | None = None
 
 
 class LossContext(NamedTuple):
@@ -123,6 +127,32 @@ class LossContext(NamedTuple):
     return total / jnp.maximum(count, 1.0)
 
 
+SCHEDULES = ("window", "warmup")
+
+
+def check_window(method: Any) -> None:
+  """Validates a windowed method's ``schedule`` and epoch window fields."""
+  if method.schedule not in SCHEDULES:
+    raise ValueError(f"schedule must be one of {list(SCHEDULES)}; got "
+                     f"{method.schedule!r}.")
+  starts, ends = method.modulation_starts, method.modulation_ends
+  for what, v in (("modulation_starts", starts), ("modulation_ends", ends)):
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0:
+      raise ValueError(f"{what} must be an integer >= 0 (an epoch, counted "
+                       f"from 0 as in the official code); got {v!r}.")
+  if ends < starts:
+    raise ValueError(f"modulation_ends ({ends}) is before modulation_starts "
+                     f"({starts}).")
+
+
+def official_window(method: Any) -> tuple[int, int] | None:
+  """``(modulation_starts, modulation_ends)`` for ``schedule="window"``,
+  None for ``schedule="warmup"``."""
+  if method.schedule == "warmup":
+    return None
+  return int(method.modulation_starts), int(method.modulation_ends)
+
+
 def _check_concrete(value: Any, what: str, ok, rule: str) -> None:
   """Raises if a concrete hyper-parameter breaks ``rule`` (tracers pass)."""
   if isinstance(value, jax.core.Tracer):
@@ -152,6 +182,15 @@ class Method:
     return Modulation(coefficients={m: jnp.zeros((), jnp.float32)
                                     for m in stats},
                       scales=ones, noise=None)
+
+  def modulation_window(self) -> tuple[int, int] | None:
+    """Epochs ``(first, last)``, 0-based and inclusive, in which the method
+    modulates, as its official code's ``modulation_starts <= epoch <=
+    modulation_ends``; outside them the step runs as in warm-up
+    (``LossContext.active`` False, scales 1, no noise). None (the default):
+    the shared warm-up decides (``make_train_step(warmup_steps=...)``).
+    OGM-GE, AGM and PMR return their window (``schedule="window"``)."""
+    return None
 
   @property
   def needs_heldout(self) -> bool:

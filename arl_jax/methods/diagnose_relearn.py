@@ -1,9 +1,16 @@
 """D&R, Diagnosing and Re-learning (Wei, Li, Feng, Hu, ECCV 2024).
 
 The training step is the baseline (``CE(p_f, y)``); the method is an epoch
-hook. After the epoch of 0-based index ``e`` (the runner's epoch ``e + 1``)
-with ``e % every == 0`` and ``e > 0``, at most ``times`` times (official: 20,
-3, i.e. after the runner's epochs 21, 41 and 61), for each modality ``m``:
+hook. The official code re-initialises after the epoch of 0-based index
+``e`` with ``e % every == 0`` and ``e > 0``, at most ``times`` times, in a
+90-epoch run: every 20, 3 times, i.e. after ``e`` = 20, 40, 60 (the
+runner's epochs 21, 41 and 61, which number from 1). Here that schedule is
+scaled to the run (``run_epochs=90``, default): re-initialise after ``e_k =
+round(k every N / run_epochs)``, ``k = 1..times``, ``N`` the run's epochs
+(30 epochs: ``e`` = 7, 13, 20), which is the official schedule at ``N =
+90``; ``run_epochs=0`` takes ``every`` as epochs of this run (the official
+rule literally: one re-initialisation in a 30-epoch run). Then, for each
+modality ``m``:
 
 1. encoder features of the whole training split and of the held-out
    (validation) split, in evaluation mode;
@@ -98,18 +105,47 @@ class DiagnoseRelearn(Method):
     lam: lambda of ``w = tanh(lambda gap)`` (official 3).
     every: re-initialise after every ``every`` epochs (official 20).
     times: at most this many re-initialisations (official 3).
+    run_epochs: the run length ``every`` refers to (official 90): the
+      schedule is scaled to the run's epochs; 0: ``every`` counts this
+      run's epochs.
   """
   name: ClassVar[str] = "dr"
   has_epoch_hook: ClassVar[bool] = True
   lam: float = 3.0
   every: int = 20
   times: int = 3
+  run_epochs: int = 90
 
   def __post_init__(self):
     super().__post_init__()
     _check_concrete(self.lam, "lam", lambda v: v > 0, "> 0")
     for field in ("every", "times"):
       _check_concrete(getattr(self, field), field, lambda v: v >= 1, ">= 1")
+    _check_concrete(self.run_epochs, "run_epochs",
+                    lambda v: v >= 0 and v == int(v), "an integer >= 0")
+
+  def reinit_epochs(self, num_epochs: int | None) -> tuple[int, ...]:
+    """The 0-based epochs after which the encoders are re-initialised.
+
+    ``every``, ``2 every``, ... (at most ``times``) scaled by ``num_epochs /
+    run_epochs`` and rounded half up; only epochs ``0 < e < num_epochs``
+    (a run too short for distinct epochs re-initialises fewer times).
+    """
+    if self.run_epochs:
+      if num_epochs is None:
+        raise ValueError(
+            "D&R scales its official 90-epoch schedule to the run: give the "
+            "EpochContext num_epochs=, or build DiagnoseRelearn(run_epochs=0)"
+            " to count `every` in this run's epochs.")
+      scale = num_epochs / self.run_epochs
+    else:
+      scale = 1.0
+    out = []
+    for k in range(1, int(self.times) + 1):
+      e = int(np.floor(k * self.every * scale + 0.5))
+      if 0 < e and (num_epochs is None or e < num_epochs) and e not in out:
+        out.append(e)
+    return tuple(out)
 
   def initial_state(self, modalities, params):
     labels = label_modalities(modalities)(params)
@@ -122,7 +158,7 @@ class DiagnoseRelearn(Method):
   def epoch_end(self, epoch, state, context):
     count = int(jax.device_get(state.method_state["count"]))
     e = epoch - 1      # the official loop's 0-based index of this epoch
-    if e <= 0 or e % self.every or count >= self.times:
+    if e not in self.reinit_epochs(context.num_epochs) or count >= self.times:
       return state, {}
     names = tuple(sorted(context.modalities))
     feats = {split: context.features(split) for split in ("train",

@@ -27,7 +27,10 @@ The next modality's loss therefore sees the head already updated. Inference
 ``gating="batch_entropy"`` (official ``--dynamic``): ``e_m = -sum p log p``
 with ``p`` the softmax of ``z_m`` over the *batch* axis, summed over the
 batch and classes (one scalar per modality and batch, padded rows left out,
-summed over devices under ``pmap``), ``g = softmax(-e)``;
+summed over devices under ``pmap``), ``g = softmax(-e)``, one gate per
+``gate_batch`` consecutive evaluation rows (official: its 64-row test
+loader; 0: per evaluation batch, a number that then depends on the batch
+size);
 ``"sample_entropy"`` (BalanceBenchmark): the same per row with the softmax
 over classes; ``"fixed"``: ``fixed_weights`` (official default without
 ``--dynamic``: 0.55 audio, 0.45 visual; empty means equal weights).
@@ -65,6 +68,7 @@ from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from arl_jax.methods.base import Method
 from arl_jax.methods.base import Modulation
@@ -137,6 +141,31 @@ def batch_entropy_gates(unimodal: Mapping[str, Array], valid: Array,
   return {m: g[i] for i, m in enumerate(names)}
 
 
+def grouped_batch_entropy_fusion(unimodal: Mapping[str, Array], valid: Array,
+                                 group: int) -> Array:
+  """``sum_m g_m z_m`` with one batch-entropy gate per ``group`` consecutive
+  rows (:func:`batch_entropy_gates` of each group; padded rows left out).
+
+  The rows of a batch (of a device, under ``pmap``) must be a multiple of
+  ``group``; then the groups are those of the whole evaluation split cut in
+  order, whatever the evaluation batch size.
+  """
+  names = sorted(unimodal)
+  rows = jnp.shape(valid)[0]
+  if rows % group:
+    raise ValueError(
+        f"MLA's batch-entropy gate is computed per {group} rows (gate_batch) "
+        f"but an evaluation batch has {rows} rows (per device): use an "
+        f"evaluation batch size that is a multiple of {group} per device, or "
+        "set gate_batch.")
+  split = lambda x: jnp.reshape(x, (rows // group, group) + x.shape[1:])
+  gates = jax.vmap(batch_entropy_gates)({m: split(unimodal[m])
+                                         for m in names}, split(valid))
+  fused = sum(gates[m][:, None, None] * split(unimodal[m]).astype(jnp.float32)
+              for m in names)
+  return jnp.reshape(fused, (rows,) + fused.shape[2:])
+
+
 def sample_entropy_gates(unimodal: Mapping[str, Array]) -> dict[str, Array]:
   """BalanceBenchmark's gates: per row, softmax over modalities of minus the
   entropy of each modality's class distribution; ``{m: [batch]}``."""
@@ -165,6 +194,12 @@ class MLA(Method):
     fixed_weights: per-modality weights in sorted-name order for
       ``"fixed"`` (empty: equal).
     batches_per_epoch: ``N`` in ``alpha_t`` (the runner sets it).
+    gate_batch: rows that share one ``"batch_entropy"`` gate: the
+      evaluation rows are cut, in order, into consecutive groups of this
+      many (official: its test loader's batch, 64) and each group gets its
+      own gate, so the result does not depend on the evaluation batch size
+      (which must be a multiple of it, per device). 0: one gate per
+      evaluation batch, whatever its size.
   """
   name: ClassVar[str] = "mla"
   alternating: ClassVar[bool] = True
@@ -174,6 +209,7 @@ class MLA(Method):
   gating: str = "batch_entropy"
   fixed_weights: tuple = ()
   batches_per_epoch: int = 1
+  gate_batch: int = 64
 
   def __post_init__(self):
     super().__post_init__()
@@ -186,6 +222,15 @@ class MLA(Method):
     if int(self.batches_per_epoch) < 1:
       raise ValueError("batches_per_epoch must be >= 1; got "
                        f"{self.batches_per_epoch}.")
+    if (isinstance(self.gate_batch, bool) or not isinstance(
+        self.gate_batch, (int, np.integer)) or self.gate_batch < 0):
+      raise ValueError("gate_batch must be an integer >= 0 (0: the whole "
+                       f"evaluation batch); got {self.gate_batch!r}.")
+    weights = tuple(self.fixed_weights)
+    if any(isinstance(w, bool) or not isinstance(w, (int, float, np.number))
+           or not np.isfinite(w) or w < 0 for w in weights):
+      raise ValueError("fixed_weights must be finite numbers >= 0; got "
+                       f"{weights!r}.")
 
   def init_state(self, modalities):
     if self.gating == "fixed" and self.fixed_weights and (
@@ -255,8 +300,10 @@ class MLA(Method):
     del fused
     names = sorted(unimodal)
     if self.gating == "batch_entropy":
-      g = batch_entropy_gates(unimodal, valid, axis_name)
-      return sum(g[m] * unimodal[m].astype(jnp.float32) for m in names)
+      if not self.gate_batch:
+        g = batch_entropy_gates(unimodal, valid, axis_name)
+        return sum(g[m] * unimodal[m].astype(jnp.float32) for m in names)
+      return grouped_batch_entropy_fusion(unimodal, valid, self.gate_batch)
     if self.gating == "sample_entropy":
       g = sample_entropy_gates(unimodal)
       return sum(g[m][:, None] * unimodal[m].astype(jnp.float32)

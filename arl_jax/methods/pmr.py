@@ -22,7 +22,9 @@ batches; its ``temperature`` argument is unused, and the abstract's entropy
 regulariser is not in the code, so not here either). ``a`` is the first
 modality in sorted order. Defined for two modalities only (the official code
 and the paper have two; BalanceBenchmark's K > 2 variant is an OGM-style
-rule, not PMR): K != 2 raises. The modulation is off during warm-up.
+rule, not PMR): K != 2 raises. The prototype terms act inside the official
+epoch window (``modulation_starts``, ``modulation_ends``), or after the
+warm-up with ``schedule="warmup"``.
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ import numpy as np
 
 from arl_jax.methods.base import Method
 from arl_jax.methods.base import _check_concrete
+from arl_jax.methods.base import check_window
+from arl_jax.methods.base import official_window
 from arl_jax.methods.base import register_method
 
 
@@ -70,6 +74,11 @@ class PMR(Method):
     mu: momentum of the prototypes after epoch 1 (official 0.2).
     fraction: share of the training rows the prototypes are computed from
       (official: the first tenth of the batches).
+    schedule: ``"window"`` (official: the prototype terms in epochs
+      ``modulation_starts <= e <= modulation_ends``, argparse defaults 0
+      and 100; the concat scripts use 70 with alpha 2, mu 0) or
+      ``"warmup"`` (off during the train step's warm-up).
+    modulation_starts, modulation_ends: the window's first and last epoch.
   """
   name: ClassVar[str] = "pmr"
   has_epoch_hook: ClassVar[bool] = True
@@ -77,13 +86,20 @@ class PMR(Method):
   alpha: float = 1.0
   mu: float = 0.2
   fraction: float = 0.1
+  schedule: str = "window"
+  modulation_starts: int = 0
+  modulation_ends: int = 100
 
   def __post_init__(self):
     super().__post_init__()
+    check_window(self)
     _check_concrete(self.alpha, "alpha", lambda v: v > 0, "> 0")
     _check_concrete(self.mu, "mu", lambda v: 0 <= v < 1, "in [0, 1)")
     _check_concrete(self.fraction, "fraction", lambda v: 0 < v <= 1,
                     "in (0, 1]")
+
+  def modulation_window(self):
+    return official_window(self)
 
   def init_state(self, modalities):
     if len(modalities) != 2:

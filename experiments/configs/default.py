@@ -102,13 +102,27 @@ def get_config() -> ml_collections.ConfigDict:
   c.method.head_kernel = ml_collections.config_dict.placeholder(str)
   c.method.gating = ml_collections.config_dict.placeholder(str)
   c.method.fixed_weights = ml_collections.config_dict.placeholder(tuple)
+  # MLA: rows sharing one batch-entropy gate at evaluation (official 64, its
+  # test loader's batch; 0: the whole evaluation batch). eval_batch_size
+  # must be a multiple of it per device.
+  c.method.gate_batch = ml_collections.config_dict.placeholder(int)
   # AGM: upper clamp of r^ - r (official CREMA-D 10); its alpha is method.alpha.
   c.method.clamp = ml_collections.config_dict.placeholder(float)
+  # OGM-GE, AGM, PMR: when they modulate. "window" (their official code):
+  # in epochs modulation_starts..modulation_ends (0-based, inclusive;
+  # defaults OGM-GE 0-50, AGM 0-20, PMR 0-100), the shared warm-up not
+  # applied; "warmup": after warmup_epochs, as the other methods.
+  c.method.schedule = ml_collections.config_dict.placeholder(str)
+  c.method.modulation_starts = ml_collections.config_dict.placeholder(int)
+  c.method.modulation_ends = ml_collections.config_dict.placeholder(int)
   # D&R: w = tanh(lam gap), re-initialise every `every` epochs, at most
-  # `times` times (official 3, 20, 3).
+  # `times` times (official 3, 20, 3, in a 90-epoch run).
   c.method.lam = ml_collections.config_dict.placeholder(float)
   c.method.every = ml_collections.config_dict.placeholder(int)
   c.method.times = ml_collections.config_dict.placeholder(int)
+  # D&R: the run length `every` refers to (official 90; the schedule is
+  # scaled to num_epochs); 0: `every` counts this run's epochs.
+  c.method.run_epochs = ml_collections.config_dict.placeholder(int)
   # PMR: prototype momentum (official 0.2) and the share of training rows
   # the prototypes come from (0.1); its alpha is method.alpha.
   c.method.mu = ml_collections.config_dict.placeholder(float)
