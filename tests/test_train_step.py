@@ -136,6 +136,24 @@ def test_nan_batch_is_skipped_and_does_not_poison_later_steps():
   assert not np.array_equal(state.params["audio"]["w"], before["audio"]["w"])
 
 
+def test_nan_in_a_masked_row_does_not_skip_the_update():
+  # The masked row is out of the loss; its NaN must not reach the gradients.
+  problem, state, step, _ = setup(arl_jax.ARL(temperature=4.0))
+  x, y = problem.splits["train"]
+  jstep = jax.jit(step)
+  good = next(iterate_batches(x, y, 16))
+  mask = np.ones(16, bool)
+  mask[3] = False
+  bad = jax.tree.map(np.copy, good)
+  bad["inputs"]["visual"][3] = np.nan
+  bad["inputs"]["audio"][3] = np.inf
+  new, metrics = jstep(state, {**bad, "mask": mask})
+  assert float(metrics["update_skipped"]) == 0.0
+  ref, ref_metrics = jstep(state, {**good, "mask": mask})
+  jax.tree.map(np.testing.assert_array_equal, new.params, ref.params)
+  assert float(metrics["loss"]) == float(ref_metrics["loss"])
+
+
 def _oracle(name, kwargs, z, y):
   """(coefficients, scales) of each method from float64 NumPy (tests/reference)."""
   za, zv = z["audio"], z["visual"]
@@ -196,7 +214,8 @@ def test_ogm_ge_noise_only_after_warmup_with_the_gradients_std():
     state = arl_jax.TrainState.create(params=params, tx=tx,
                                       rng=jax.random.PRNGKey(1))
     step = jax.jit(arl_jax.make_train_step(
-        user_model_apply, tx, arl_jax.OGMGE(alpha=0.5, noise=noise, schedule="warmup"),
+        user_model_apply, tx,
+        arl_jax.OGMGE(alpha=0.5, noise=noise, schedule="warmup"),
         warmup_steps=1))
     out = []
     for b in batches:
@@ -205,7 +224,7 @@ def test_ogm_ge_noise_only_after_warmup_with_the_gradients_std():
     return out, metrics
 
   (warm_noisy, after_noisy), m = run(True)
-  (warm_plain, after_plain), _ = run(False)
+  (warm_plain, after_plain), m_plain = run(False)
   jax.tree.map(np.testing.assert_array_equal, warm_noisy, warm_plain)
   # After warm-up the only difference is lr * noise on the encoder leaves.
   diff = np.asarray(after_noisy["audio"]["w"] - after_plain["audio"]["w"]) / lr
@@ -216,6 +235,13 @@ def test_ogm_ge_noise_only_after_warmup_with_the_gradients_std():
     return arl_jax.arl_loss(fused, uni, batches[1]["labels"], 0.0)
 
   g = jax.grad(loss)(warm_plain)["audio"]["w"]
+  # noise=False is plain OGM: exactly w - lr k g (so the flag is not read
+  # backwards: with noise there, this would fail).
+  k = float(m_plain["scale"]["audio"])
+  assert k < 1.0 or float(m_plain["scale"]["visual"]) < 1.0
+  np.testing.assert_allclose(after_plain["audio"]["w"],
+                             warm_plain["audio"]["w"] - lr * k * g,
+                             rtol=1e-5, atol=1e-7)
   assert np.std(diff) == pytest.approx(ref.ge_noise_std(g), rel=0.35)
   np.testing.assert_array_equal(after_noisy["head"]["b"],
                                 after_plain["head"]["b"])   # not an encoder
@@ -278,8 +304,8 @@ def test_missing_scale_by_modality_and_bad_batches_are_named():
     step(state, {**batch, "weights": 1})
   wrong = {**batch, "inputs": {"audio": batch["inputs"]["audio"],
                                "depth": batch["inputs"]["visual"]}}
-  with pytest.raises(ValueError, match=r"modality_scales names \['depth'\], "
-                     "which label no parameter"):
+  with pytest.raises(ValueError, match=r"batch\['inputs'\] has \['depth'\], "
+                     "but the model has no encoder"):
     step(state, wrong)
 
 
@@ -406,3 +432,13 @@ def test_a_stateful_custom_method_without_its_state_is_named():
                                    modalities=tuple(x))
   new, _ = jax.jit(step)(good, batch)
   assert float(new.method_state["count"]) == 1.0
+
+
+def test_a_batch_input_without_an_encoder_is_named():
+  problem, state, step, _ = setup(arl_jax.ARL())
+  x, y = problem.splits["train"]
+  b = next(iterate_batches(x, y, 16))
+  b["inputs"]["text"] = np.zeros((16, 3), np.float32)
+  with pytest.raises(ValueError, match=r"batch\['inputs'\] has \['text'\], "
+                     "but the model has no encoder for it"):
+    jax.jit(step)(state, b)

@@ -94,6 +94,25 @@ def _unpack_batch(batch: Mapping[str, Any]):
   return batch["inputs"], labels, mask
 
 
+def _zero_masked_rows(inputs: Any, mask: Any) -> Any:
+  """The inputs with the rows whose ``mask`` is False set to 0.
+
+  A masked row is left out of the loss, but a NaN in its input would still
+  reach the gradients (its zero cotangent times a NaN Jacobian is NaN) and
+  make the step skip its update; zeroing it first keeps it out entirely.
+  """
+  if mask is None:
+    return inputs
+
+  def zero(x):
+    if jnp.ndim(x) == 0 or jnp.shape(x)[0] != jnp.shape(mask)[0]:
+      return x
+    keep = jnp.reshape(mask, (-1,) + (1,) * (jnp.ndim(x) - 1))
+    return jnp.where(keep, x, jnp.zeros((), jnp.result_type(x)))
+
+  return jax.tree.map(zero, inputs)
+
+
 def _check_method_state(method: Method, state: Any, modalities) -> None:
   """A method that keeps state needs it in the TrainState (trace time only)."""
   if jax.tree.leaves(state.method_state):
@@ -356,7 +375,20 @@ def make_train_step(apply_fn: ApplyFn, tx: optax.GradientTransformation,
 
   def check_tx_once(params, modalities):
     key = (jax.tree.structure(params), tuple(modalities))
-    if not check_tx or key in checked:
+    if key in checked:
+      return
+    labels = set(jax.tree.leaves(label_modalities(tuple(modalities))(params)))
+    orphans = sorted(m for m in modalities if m not in labels)
+    if orphans:
+      raise ValueError(
+          f"batch['inputs'] has {orphans}, but the model has no encoder for "
+          f"{'it' if len(orphans) == 1 else 'them'}: no parameter path "
+          f"contains {'that name' if len(orphans) == 1 else 'those names'} "
+          f"(the batch's inputs: {sorted(modalities)}; the parameters' "
+          f"labels: {sorted(labels)}). Give the batch only the model's "
+          "modalities, or name each encoder module after its modality.")
+    if not check_tx:
+      checked.add(key)
       return
     if optimizer_checks.scales_take_effect(tx, params, modalities) is False:
       raise ValueError(
@@ -542,6 +574,7 @@ def make_train_step(apply_fn: ApplyFn, tx: optax.GradientTransformation,
     if preprocess is not None:
       batch = preprocess(batch, jax.random.fold_in(rng, 1))
     inputs, labels, mask = _unpack_batch(batch)
+    inputs = _zero_masked_rows(inputs, mask)
     if isinstance(inputs, Mapping):
       check_tx_once(state.params, tuple(inputs))
       _check_method_state(method, state, tuple(inputs))
@@ -613,6 +646,7 @@ def make_train_step(apply_fn: ApplyFn, tx: optax.GradientTransformation,
         # Statistics only: a separate forward pass in evaluation mode, outside
         # the differentiated function, so the gradients are those without it.
         h_inputs, h_labels, h_mask = _unpack_batch(batch["heldout"])
+        h_inputs = _zero_masked_rows(h_inputs, h_mask)
         outputs, _ = apply_fn(state.params, state.model_state, h_inputs,
                               train=False, rng=rng)
         h_fused, h_unimodal, _ = _check_outputs(outputs, h_inputs)
