@@ -442,3 +442,10 @@ def test_a_batch_input_without_an_encoder_is_named():
   with pytest.raises(ValueError, match=r"batch\['inputs'\] has \['text'\], "
                      "but the model has no encoder for it"):
     jax.jit(step)(state, b)
+
+
+def test_pmap_of_a_step_built_without_its_axis_is_refused():
+  _, _, step, _ = setup(arl_jax.ARL())           # built without axis_name
+  with pytest.raises(ValueError, match="built with axis_name=None, but is "
+                     "mapped over the axis 'batch'"):
+    arl_jax.parallel.pmap_train_step(step, "batch")

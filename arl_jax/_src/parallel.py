@@ -24,7 +24,20 @@ def pmap_train_step(train_step: Callable, axis_name: str = "batch",
   The returned function takes a replicated state (:func:`replicate`) and a
   batch split by :func:`shard_batch`; its state and metrics have a leading
   device axis (all entries equal; :func:`unreplicate` takes the first).
+
+  Raises:
+    ValueError: if ``train_step`` was built by ``make_train_step`` with
+      another ``axis_name`` (or none): each device would then compute its
+      own coefficients and gradients from its shard, and the replicas would
+      drift apart.
   """
+  built_for = getattr(train_step, "axis_name", axis_name)
+  if built_for != axis_name:
+    raise ValueError(
+        f"this train step was built with axis_name={built_for!r}, but is "
+        f"mapped over the axis {axis_name!r}: each device would use the "
+        "coefficients and gradients of its own shard only. Build it with "
+        f"make_train_step(..., axis_name={axis_name!r}).")
   return jax.pmap(train_step, axis_name=axis_name, devices=devices,
                   donate_argnums=0)
 

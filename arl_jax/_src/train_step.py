@@ -720,6 +720,9 @@ def make_train_step(apply_fn: ApplyFn, tx: optax.GradientTransformation,
                               method_state=method_state)
     return new_state, metrics
 
+  # Read by arl_jax.parallel.pmap_train_step: a step mapped over a device
+  # axis it was not built for would train each device on its shard alone.
+  train_step.axis_name = axis_name
   return train_step
 
 
