@@ -214,6 +214,27 @@ def test_nnx_optimizer_with_path_labels(labels):
   np.testing.assert_allclose(moved["head"]["kernel"][...], 1e-2, rtol=1e-3)
 
 
+@pytest.mark.parametrize("labels,modalities", [
+    (arl_jax.label_modalities(NAMES), None),    # it knows the modalities
+    ({"audio": "audio", "visual": "visual", "head": "head"}, NAMES),
+])
+def test_nnx_update_with_a_modality_left_out_is_refused(labels, modalities):
+  # A scale left out would leave that encoder unscaled without a word.
+  model = NNXModel(nnx.Rngs(0))
+  tx = arl_jax.with_modality_scales(optax.sgd(1e-2), labels,
+                                    modalities=modalities)
+  opt = nnx.Optimizer(model, tx, wrt=nnx.Param)
+  x = {m: jnp.ones((4, 5)) for m in NAMES}
+  grads = nnx.grad(lambda m: jnp.sum(m(x)[0]))(model)
+  before = jax.tree.map(jnp.copy, nnx.state(model, nnx.Param))
+  with pytest.raises(ValueError, match=r"modality_scales has keys \['audio'\] "
+                     r"but this transformation was built for modalities "
+                     r"\['audio', 'visual'\]"):
+    opt.update(model, grads, modality_scales={"audio": 2.0})
+  jax.tree.map(np.testing.assert_array_equal, nnx.state(model, nnx.Param),
+               before)                              # nothing moved
+
+
 def test_scale_by_modality_inside_an_optax_partition_group():
   labels = arl_jax.label_modalities(NAMES)
   groups = {"audio": "enc", "visual": "enc", "head": "head"}

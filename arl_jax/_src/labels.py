@@ -85,6 +85,8 @@ def label_modalities(modalities: Sequence[str], *, other: str = "shared"
       return other
     return jax.tree_util.tree_map_with_path(label, params)
 
+  # Read by scale_by_modality: every modality must then get a scale.
+  labels.modalities = tuple(sorted(wanted))
   return labels
 
 

@@ -104,6 +104,8 @@ def scale_by_modality(
     >>> [float(updates[k][0]) for k in ("audio", "visual", "head")]
     [-1.5, -1.0, -1.0]
   """
+  if modalities is None:
+    modalities = getattr(param_labels, "modalities", None)
   if modalities is not None:
     modalities = tuple(modalities)
 
