@@ -58,6 +58,7 @@ from arl_jax._src.train_step import TrainState
 from arl_jax._src.train_step import make_eval_step
 from arl_jax._src.train_step import make_train_step
 from arl_jax._src.transforms import ScaleByModalityState
+from arl_jax._src.transforms import modality_scale_placement
 from arl_jax._src.transforms import scale_by_modality
 from arl_jax._src.transforms import with_modality_scales
 from arl_jax._src.unimodal import fused_and_unimodal_logits
@@ -150,6 +151,7 @@ __all__ = [
     "make_method",
     "make_train_step",
     "method_names",
+    "modality_scale_placement",
     "modality_statistics",
     "modality_values",
     "ogm_ge_coefficients",

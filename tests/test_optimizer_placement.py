@@ -88,6 +88,31 @@ def test_auto_placement_is_the_papers_gradient_scaling_under_sgd():
     arl_jax.with_modality_scales(opt(), labels, placement="before")
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
+def test_auto_placement_with_lr_warmup_from_zero_and_half_precision(dtype):
+  # The first update of a schedule warmed up from 0 is zero, and half
+  # precision rounds above the probe's tolerance: neither may turn SGD's
+  # paper placement into "update", nor hide a scale cancelled by Adam.
+  labels = arl_jax.label_modalities(NAMES)
+  params = jax.tree.map(lambda p: p.astype(dtype), PARAMS)
+  warm = optax.linear_schedule(0.0, 0.1, transition_steps=10)
+  for opt in (optax.sgd(warm, momentum=0.9), optax.sgd(0.1, momentum=0.9)):
+    tx = arl_jax.with_modality_scales(opt, labels)
+    tx.init(params)
+    assert arl_jax.modality_scale_placement(tx, params) == "gradient"
+  for opt in (optax.adamw(warm), optax.adamw(1e-3)):
+    tx = arl_jax.with_modality_scales(opt, labels)
+    assert arl_jax.modality_scale_placement(tx, params) == "update"
+    before = optax.chain(arl_jax.scale_by_modality(labels), opt)
+    assert arl_jax.optimizer_checks.scales_take_effect(
+        before, params, NAMES) is False
+  fixed = arl_jax.with_modality_scales(optax.adamw(1e-3), labels,
+                                       placement="gradient")
+  assert arl_jax.modality_scale_placement(fixed, params) == "gradient"
+  with pytest.raises(ValueError, match="built by arl_jax.with_modality"):
+    arl_jax.modality_scale_placement(optax.sgd(0.1), params)
+
+
 def test_with_modality_scales_under_jit_and_with_noise():
   labels = arl_jax.label_modalities(NAMES)
   tx = arl_jax.with_modality_scales(optax.adam(1e-2), labels)

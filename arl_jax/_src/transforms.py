@@ -162,10 +162,16 @@ def with_modality_scales(
     step, ``"update"`` applies the current scale to the whole momentum
     rather than to each step's gradient.
   * ``"auto"`` (default): ``"gradient"`` when the optimiser's update is
-    affine in the gradient (probed once on stand-ins of the parameters'
-    shapes, :func:`arl_jax.optimizer_checks.optimizer_is_affine`), else
-    ``"update"``. SGD-family optimisers thus reproduce the paper; Adam-family
-    ones get an effective per-modality step size.
+    affine in the gradient (probed once on float32 stand-ins of the
+    parameters' shapes, over its first updates that depend on the gradient,
+    so a learning rate warmed up from 0 or half-precision parameters do not
+    mislead it: :func:`arl_jax.optimizer_checks.optimizer_is_affine`), else
+    ``"update"`` (also when the probe cannot tell: no update depended on
+    the gradient in 16 calls; after the optimiser a scale always acts).
+    SGD-family optimisers
+    thus reproduce the paper; Adam-family ones get an effective
+    per-modality step size. :func:`arl_jax.modality_scale_placement` tells
+    which was chosen.
 
   The state is ``(optimizer state, ScaleByModalityState)`` for every
   placement, so a checkpoint does not depend on the choice.
@@ -236,4 +242,24 @@ def with_modality_scales(
                                           **scale_args)
     return updates, (opt_state, scale_state)
 
+  update_fn.placement = resolve       # read by modality_scale_placement
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def modality_scale_placement(tx: optax.GradientTransformation,
+                             params: Any) -> str:
+  """Where :func:`with_modality_scales` puts its scales for ``params``:
+  ``"gradient"`` (before the optimiser) or ``"update"`` (after it).
+
+  For ``placement="auto"`` this is the probe's decision (made once per
+  parameter structure, shapes and dtypes).
+
+  Raises:
+    ValueError: if ``tx`` was not built by :func:`with_modality_scales`.
+  """
+  resolve = getattr(getattr(tx, "update", None), "placement", None)
+  if resolve is None:
+    raise ValueError("modality_scale_placement reads a transformation built "
+                     "by arl_jax.with_modality_scales; got "
+                     f"{type(tx).__name__}.")
+  return resolve(params)
