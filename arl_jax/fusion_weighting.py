@@ -28,13 +28,16 @@ held-out rows (never the test split):
   likelihood of ``softmax(p_f^w)`` (a per-modality temperature: calibration
   of each modality's evidence).
 
-For gated or FiLM fusion the unimodal terms do not add up to the fused
-logits, so these weights are not defined there; :func:`check_additive`
-says so.
+For gated, FiLM or attention fusion the unimodal terms do not add up to
+the fused logits, so these weights are not defined there:
+:func:`check_additive` says so, from a fusion name or structurally from the
+head itself (:func:`additivity_gap`), and ``make_eval_step(...)(state,
+batch, fusion_weights=w)`` checks the model's head before it weighs it.
 """
 
 from arl_jax._src.fusion_weighting import ADDITIVE_FUSIONS
 from arl_jax._src.fusion_weighting import WEIGHTINGS
+from arl_jax._src.fusion_weighting import additivity_gap
 from arl_jax._src.fusion_weighting import check_additive
 from arl_jax._src.fusion_weighting import fit_fusion_weights
 from arl_jax._src.fusion_weighting import inverse_error_weights
@@ -44,6 +47,7 @@ from arl_jax._src.fusion_weighting import weighted_fusion_logits
 __all__ = [
     "ADDITIVE_FUSIONS",
     "WEIGHTINGS",
+    "additivity_gap",
     "check_additive",
     "fit_fusion_weights",
     "inverse_error_weights",

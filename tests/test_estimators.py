@@ -260,6 +260,60 @@ def test_weighted_fusion_logits_of_an_additive_head():
     fusion_weighting.check_additive("gated")
 
 
+def test_check_additive_on_a_users_own_head():
+  rng = np.random.default_rng(1)
+  feats = {m: rng.normal(size=(8, 4)).astype(np.float32) for m in "ab"}
+  w = {m: rng.normal(size=(4, 3)).astype(np.float32) for m in "ab"}
+  additive = lambda f: f["a"] @ w["a"] + f["b"] @ w["b"] + 0.3
+  fusion_weighting.check_additive(additive, feats)
+  assert fusion_weighting.additivity_gap(additive, feats) < 1e-6
+  gated = lambda f: jax.nn.sigmoid(f["a"] @ w["a"]) * (f["b"] @ w["b"])
+  with pytest.raises(ValueError, match="mixes the modalities inside the head"):
+    fusion_weighting.check_additive(gated, feats)
+  with pytest.raises(TypeError, match="features="):
+    fusion_weighting.check_additive(additive)
+
+
+@pytest.mark.parametrize("fusion", ["concat", "sum", "gated", "film"])
+def test_eval_step_weighs_an_additive_head_and_refuses_the_others(fusion):
+  from arl_jax import models
+  names = ("audio", "visual")
+  model = models.multiview_classifier({"audio": 6, "visual": 5}, 3,
+                                      encoder_widths=(8,), fusion=fusion)
+  rng = np.random.default_rng(2)
+  x = {"audio": rng.normal(size=(16, 6)).astype(np.float32),
+       "visual": rng.normal(size=(16, 5)).astype(np.float32)}
+  y = rng.integers(0, 3, 16).astype(np.int32)
+  params, model_state = models.init_model(model, jax.random.PRNGKey(0), x)
+  tx = arl_jax.with_modality_scales(optax.sgd(0.1),
+                                    arl_jax.label_modalities(names))
+  state = arl_jax.TrainState.create(params=params, tx=tx,
+                                    model_state=model_state,
+                                    rng=jax.random.PRNGKey(1))
+  apply_fn = models.make_apply_fn(model)
+  ev = jax.jit(arl_jax.make_eval_step(apply_fn))
+  batch = {"inputs": x, "labels": y}
+  w = {"audio": 0.25, "visual": 1.75}
+  if fusion in ("gated", "film"):
+    with pytest.raises(ValueError, match="mixes the modalities inside"):
+      ev(state, batch, fusion_weights=w)
+    return
+  plain = ev(state, batch)
+  got = ev(state, batch, fusion_weights=w)
+  want = fusion_weighting.weighted_fusion_logits(
+      plain["fused_logits"], plain["unimodal_logits"], w)
+  np.testing.assert_allclose(got["fused_logits"], want, rtol=1e-5, atol=1e-5)
+  assert not np.allclose(got["fused_logits"], plain["fused_logits"])
+  np.testing.assert_array_equal(got["predictions"],
+                                np.argmax(np.asarray(want), -1))
+  assert float(got["correct"]) == float(np.sum(np.argmax(np.asarray(want), -1)
+                                               == y))
+  # A user's apply_fn without the head to check is refused, with the way out.
+  bare = lambda *a, **k: apply_fn(*a, **k)
+  with pytest.raises(ValueError, match="checks the model's head first"):
+    arl_jax.make_eval_step(bare)(state, batch, fusion_weights=w)
+
+
 def test_inverse_variance_weights_against_numpy():
   names = ("a", "b")
   z, y = _logits(5, names, batch=64)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from collections.abc import Mapping
 
 import jax
@@ -45,14 +46,62 @@ def weighted_fusion_logits(fused: Array, unimodal: Mapping[str, Array],
                     for m in names)
 
 
-def check_additive(fusion: str) -> None:
-  """Raises unless ``fusion`` (a fusion head's name) is additive."""
-  if fusion not in ADDITIVE_FUSIONS:
+def additivity_gap(head: Callable[[Mapping[str, Array]], Array],
+                   features: Mapping[str, Array]) -> float:
+  """How far ``head`` is from additive on ``features`` (0 for an additive one).
+
+  An additive head's fused logits are the sum of the unimodal terms minus
+  ``K - 1`` times the logits of all-zero features: ``f(h) = sum_m f(h_m) -
+  (K - 1) f(0)``, ``h_m`` keeping modality ``m`` only. Returns the largest
+  deviation relative to the largest fused logit (at least 1), computed
+  eagerly in float32.
+  """
+  names = _validation.modality_names(features, "features")
+  f32 = {m: jnp.asarray(features[m], jnp.float32) for m in names}
+  zero = {m: jnp.zeros_like(v) for m, v in f32.items()}
+  fused = jnp.asarray(head(f32), jnp.float32)
+  empty = jnp.asarray(head(zero), jnp.float32)
+  total = sum(jnp.asarray(head({**zero, m: f32[m]}), jnp.float32)
+              for m in names) - (len(names) - 1) * empty
+  scale = max(1.0, float(jnp.max(jnp.abs(fused))))
+  return float(jnp.max(jnp.abs(fused - total))) / scale
+
+
+def check_additive(fusion: str | Callable[[Mapping[str, Array]], Array],
+                   features: Mapping[str, Array] | None = None, *,
+                   rtol: float = 1e-4) -> None:
+  """Raises unless a fusion head is additive (fusion weighting's condition).
+
+  Args:
+    fusion: a fusion head's name (``"concat"``, ``"sum"``: additive;
+      ``"gated"``, ``"film"``: not), or the head itself, ``head({m:
+      features}) -> logits`` (a user's own head), checked structurally on
+      ``features`` with :func:`additivity_gap`.
+    features: ``{modality: [batch, ...]}`` for a head given as a callable
+      (random features test the structure; use several rows).
+    rtol: the largest relative gap accepted (float32 rounding).
+  """
+  if isinstance(fusion, str):
+    if fusion not in ADDITIVE_FUSIONS:
+      raise ValueError(
+          f"fusion weighting needs an additive fusion head "
+          f"({list(ADDITIVE_FUSIONS)}), whose fused logits are the sum of the "
+          f"unimodal logit terms; {fusion!r} fusion mixes the modalities "
+          "inside the head, so a weight per unimodal term is not defined "
+          "there.")
+    return
+  if not callable(fusion) or features is None:
+    raise TypeError("check_additive takes a fusion name, or a head "
+                    "head({modality: features}) -> logits and features=.")
+  gap = additivity_gap(fusion, features)
+  if not gap <= rtol:
     raise ValueError(
-        f"fusion weighting needs an additive fusion head ({list(ADDITIVE_FUSIONS)}"
-        f"), whose fused logits are the sum of the unimodal logit terms; "
-        f"{fusion!r} fusion mixes the modalities inside the head, so a weight "
-        "per unimodal term is not defined there.")
+        "fusion weighting needs an additive fusion head: its fused logits "
+        "must equal the sum of the unimodal terms minus (K - 1) times the "
+        f"logits of all-zero features, but this head's differ by {gap:.3g} "
+        f"(relative; tolerance {rtol:g}): it mixes the modalities inside the "
+        "head (a gate, FiLM, attention), so a weight per unimodal term is "
+        "not defined there.")
 
 
 def inverse_variance_weights(stats: Mapping[str, ModalityStatistics], *,

@@ -19,6 +19,7 @@ wrapper around this function, not a copy of it.
 
 from __future__ import annotations
 
+import concurrent.futures
 import warnings
 from collections.abc import Callable
 from collections.abc import Mapping
@@ -726,6 +727,49 @@ def make_train_step(apply_fn: ApplyFn, tx: optax.GradientTransformation,
   return train_step
 
 
+def _verify_additive_head(apply_fn: ApplyFn, state: TrainState,
+                          inputs: Mapping[str, Any], verified: set) -> None:
+  """Refuses fusion weights for a head that is not additive (trace time).
+
+  Checked once per parameter structure, structurally: the model's head
+  (``apply_fn.classify``) with stand-in parameters of the same shapes, on
+  random features of the encoders' output shapes
+  (:func:`arl_jax.fusion_weighting.check_additive`).
+  """
+  classify = getattr(apply_fn, "classify", None)
+  encode = getattr(apply_fn, "encode", None)
+  if classify is None or encode is None:
+    raise ValueError(
+        "fusion_weights reweight the unimodal terms of an additive fusion "
+        "head, so the eval step checks the model's head first: build apply_fn "
+        "with arl_jax.models.make_apply_fn(model), or give your apply_fn "
+        "attributes .encode(params, model_state, inputs) -> {modality: "
+        "features} and .classify(params, features) -> logits (check a head "
+        "yourself with arl_jax.fusion_weighting.check_additive(head, "
+        "features)).")
+  spec = lambda x: jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x))
+  params = jax.tree.map(spec, state.params)
+  features = jax.eval_shape(encode, params,
+                            jax.tree.map(spec, state.model_state),
+                            jax.tree.map(spec, inputs))
+  key = (jax.tree.structure(params), str(jax.tree.leaves(params)),
+         str(features))
+  if key in verified:
+    return
+
+  def probe():
+    p = optimizer_checks._stand_ins(params, 0.5, seed=0)
+    rng = np.random.default_rng(1)
+    f = {m: jnp.asarray(rng.normal(size=(8,) + tuple(v.shape[1:])),
+                        jnp.float32) for m, v in features.items()}
+    fusion_lib.check_additive(lambda x: classify(p, x), f)
+
+  # Concrete values outside the caller's trace (as the optimiser probes).
+  with concurrent.futures.ThreadPoolExecutor(1) as pool:
+    pool.submit(probe).result()
+  verified.add(key)
+
+
 def make_eval_step(apply_fn: ApplyFn, preprocess: Callable | None = None,
                    method: Method | None = None, axis_name: Any = None, *,
                    batch_transform: Callable | None = None
@@ -737,7 +781,10 @@ def make_eval_step(apply_fn: ApplyFn, preprocess: Callable | None = None,
   deprecated name). ``fusion_weights``: optional
   ``{modality: w_m}`` (traced) that reweight the unimodal logit terms of an
   additive fusion head (:func:`arl_jax.fusion_weighting.weighted_fusion_logits`)
-  before the fused prediction is scored. ``method``: the scored logits are
+  before the fused prediction is scored; the head is checked first
+  (``apply_fn.classify``, as :func:`arl_jax.models.make_apply_fn` gives it:
+  a gated, FiLM or attention head, or an ``apply_fn`` without it, raises a
+  ValueError saying why). ``method``: the scored logits are
   ``method.eval_logits(fused, unimodal, valid)`` (MLA's gated fusion; the
   fused logits for every other method) unless ``fusion_weights`` are given;
   ``axis_name``: the device axis when the step runs under ``pmap`` (a
@@ -752,6 +799,7 @@ def make_eval_step(apply_fn: ApplyFn, preprocess: Callable | None = None,
   ``[0, C)``, count nowhere).
   """
   preprocess = _renamed(preprocess, batch_transform, "make_eval_step")
+  verified: set[Any] = set()
 
   def eval_step(state: TrainState, batch: Mapping[str, Any],
                 fusion_weights: Mapping[str, Any] | None = None):
@@ -763,6 +811,7 @@ def make_eval_step(apply_fn: ApplyFn, preprocess: Callable | None = None,
     fused, unimodal, _ = _check_outputs(outputs, inputs)
     valid, safe, invalid = _label_mask(labels, mask, jnp.shape(fused)[-1])
     if fusion_weights is not None:
+      _verify_additive_head(apply_fn, state, inputs, verified)
       fused = fusion_lib.weighted_fusion_logits(fused, unimodal,
                                                 fusion_weights)
     elif method is not None:
