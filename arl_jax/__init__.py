@@ -36,6 +36,7 @@ building blocks of a new rule), :mod:`arl_jax.estimators`,
 :mod:`arl_jax.modality_values`.
 """
 
+from arl_jax import coefficients
 from arl_jax import estimators
 from arl_jax import fusion_weighting
 from arl_jax import modality_values
@@ -90,18 +91,12 @@ __version__ = "0.1.0"
 _MOVED = {
     "DEFAULT_ENTROPY_FLOOR": ("arl_jax.statistics", None),
     "prediction_statistics": ("arl_jax.statistics", None),
-    # The rules from batch sums are the methods' internals: compute
-    # coefficients from logits with the functions above, or inside a Method.
-    "arl_coefficients_from_statistics": (
-        "arl_jax._src.coefficients",
-        "arl_jax.arl_coefficients(logits, labels, T), or arl_jax.ARL"),
-    "released_arl_coefficients_from_statistics": (
-        "arl_jax._src.coefficients",
-        "arl_jax.released_arl_coefficients(logits, labels, T), or "
-        "arl_jax.ARLReleased"),
-    "ogm_ge_coefficients_from_statistics": (
-        "arl_jax._src.coefficients",
-        "arl_jax.ogm_ge_coefficients(logits, labels, alpha), or arl_jax.OGMGE"),
+    # The rules from batch sums (a custom rule's building blocks) live in
+    # arl_jax.coefficients.
+    "arl_coefficients_from_statistics": ("arl_jax.coefficients", None),
+    "released_arl_coefficients_from_statistics": ("arl_jax.coefficients",
+                                                  None),
+    "ogm_ge_coefficients_from_statistics": ("arl_jax.coefficients", None),
 }
 
 
@@ -141,6 +136,7 @@ __all__ = [
     "UnimodalRegularisation",
     "arl_coefficients",
     "arl_loss",
+    "coefficients",
     "cross_entropy",
     "entropy",
     "estimators",

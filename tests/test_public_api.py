@@ -5,16 +5,17 @@ import inspect
 import pkgutil
 import warnings
 
+import numpy as np
 import pytest
 
 import arl_jax
 
-PUBLIC_MODULES = ("data", "estimators", "fusion_weighting", "methods",
-                  "modality_values", "models", "optimizer_checks", "parallel",
-                  "statistics")
+PUBLIC_MODULES = ("coefficients", "data", "estimators", "fusion_weighting",
+                  "methods", "modality_values", "models", "optimizer_checks",
+                  "parallel", "statistics")
 # Thin namespaces: every name is re-exported from arl_jax._src.<module>.
-NAMESPACES = ("estimators", "fusion_weighting", "modality_values",
-              "optimizer_checks", "parallel", "statistics")
+NAMESPACES = ("coefficients", "estimators", "fusion_weighting",
+              "modality_values", "optimizer_checks", "parallel", "statistics")
 
 
 def test_top_level_modules_are_the_public_ones_and_src():
@@ -64,8 +65,7 @@ def test_unknown_names_raise_attribute_error():
 
 
 def test_the_src_modules_are_not_reexported_as_modules():
-  for name in ("coefficients", "losses", "unimodal", "labels", "transforms",
-               "train_step"):
+  for name in ("losses", "unimodal", "labels", "transforms", "train_step"):
     with pytest.raises(ImportError):
       importlib.import_module(f"arl_jax.{name}")
 
@@ -99,3 +99,33 @@ def test_register_method_replaces_a_rerun_definition_and_refuses_clashes():
     assert arl_jax.methods.method_class("mine_for_test") is Other
   finally:
     base._REGISTRY.pop("mine_for_test", None)
+
+
+def test_a_custom_rule_from_statistics_as_documented():
+  # The example of arl_jax.coefficients' docstring, run as written.
+  import jax.numpy as jnp
+  doc = inspect.getdoc(arl_jax.coefficients)
+  lines = []
+  for line in doc.split("::\n", 1)[1].splitlines():
+    if line.strip() and not line.startswith("    "):
+      break
+    lines.append(line[4:])
+  code = "\n".join(lines)
+  namespace = {}
+  exec(compile(code, "arl_jax.coefficients", "exec"), namespace)
+  method = arl_jax.make_method("arl_squared_q", temperature=4.0)
+  rng = np.random.default_rng(0)
+  z = {m: jnp.asarray(rng.normal(size=(16, 3)), jnp.float32)
+       for m in ("audio", "visual")}
+  y = jnp.asarray(rng.integers(0, 3, 16))
+  stats = arl_jax.modality_statistics(z, y)
+  out = method.modulation(stats)
+  q = arl_jax.statistics.inverse_variance_from_statistics(stats)
+  want = arl_jax.coefficients.arl_coefficients_from_statistics(
+      stats, 4.0, inverse_variance={m: v ** 2 for m, v in q.items()})
+  for m in z:
+    np.testing.assert_allclose(out.coefficients[m], want[m], rtol=1e-6)
+    np.testing.assert_allclose(out.scales[m], 1.0 + want[m], rtol=1e-6)
+  assert not np.allclose(
+      [float(out.coefficients[m]) for m in z],
+      [float(v) for v in arl_jax.arl_coefficients(z, y, 4.0).values()])
