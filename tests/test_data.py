@@ -127,6 +127,28 @@ def test_wav_to_spectrogram_resamples_and_fills(tmp_path):
     audio.wav_to_spectrogram(tmp_path / "bad.wav")
 
 
+def test_the_audio_front_end_takes_arrays_as_well_as_files(tmp_path):
+  fake_data.write_wav(tmp_path / "a.wav", 1.2, 2, np.random.default_rng(0))
+  x, rate = audio.read_wav(tmp_path / "a.wav")
+  from_file = audio.wav_to_spectrogram(tmp_path / "a.wav", frames=180)
+  from_array = audio.samples_to_spectrogram(x, rate, frames=180)
+  np.testing.assert_array_equal(from_array, from_file)
+  # The same steps by hand (a user adding noise first uses the same path).
+  by_hand = audio.log_spectrogram(audio.fill_window(
+      audio.resample(x, rate, 22050), 66150))[:, :180]
+  np.testing.assert_array_equal(from_array, by_hand)
+  noisy = audio.samples_to_spectrogram(
+      x + 0.01 * np.random.default_rng(1).normal(size=x.shape), rate)
+  assert noisy.shape == (257, 188) and not np.allclose(noisy[:, :180],
+                                                       from_file)
+  for bad, match in ((np.zeros((10, 2)), "mono samples"),
+                     (np.array([0.1, np.nan]), "NaN or Inf")):
+    with pytest.raises(ValueError, match=match):
+      audio.samples_to_spectrogram(bad, 8000)
+  with pytest.raises(ValueError, match="positive sample rate"):
+    audio.samples_to_spectrogram(x, 0)
+
+
 def test_wav_cut_short_is_an_error_naming_the_file(tmp_path):
   from scipy.io import wavfile
   full = tmp_path / "full.wav"

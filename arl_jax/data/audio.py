@@ -146,11 +146,38 @@ def wav_to_spectrogram(path, *, sample_rate: int = 22050, seconds: float = 3.0,
                        frames: int | None = None) -> np.ndarray:
   """WAV file -> ``[n_fft // 2 + 1, frames]`` log-magnitude spectrogram.
 
-  ``frames`` (optional) crops the time axis to that length, or pads it with
-  the log of silence.
+  :func:`samples_to_spectrogram` of the file's samples (a damaged file
+  raises :class:`AudioError` naming it).
   """
   x, rate = read_wav(path)
-  x = fill_window(resample(x, rate, sample_rate), int(sample_rate * seconds))
+  return samples_to_spectrogram(x, rate, sample_rate=sample_rate,
+                                seconds=seconds, n_fft=n_fft, hop=hop,
+                                frames=frames)
+
+
+def samples_to_spectrogram(samples: np.ndarray, rate: int, *,
+                           sample_rate: int = 22050, seconds: float = 3.0,
+                           n_fft: int = 512, hop: int = 353,
+                           frames: int | None = None) -> np.ndarray:
+  """Mono samples at ``rate`` Hz -> ``[n_fft // 2 + 1, frames]`` spectrogram.
+
+  The front end of :func:`wav_to_spectrogram` on an array (noise added, a
+  synthesised source, another decoder): resampled to ``sample_rate``,
+  repeated or cut to ``seconds`` and clipped to [-1, 1]
+  (:func:`fill_window`), then ``log(|STFT| + 1e-7)``
+  (:func:`log_spectrogram`). ``frames`` (optional) crops the time axis to
+  that length, or pads it with the log of silence.
+  """
+  x = np.asarray(samples, np.float32)
+  if x.ndim != 1 or x.size == 0:
+    raise ValueError(f"expected mono samples (a non-empty 1-D array); got "
+                     f"shape {x.shape}.")
+  if not np.all(np.isfinite(x)):
+    raise ValueError("the samples hold NaN or Inf.")
+  if int(rate) < 1:
+    raise ValueError(f"rate must be a positive sample rate in Hz; got {rate}.")
+  x = fill_window(resample(x, int(rate), sample_rate),
+                  int(sample_rate * seconds))
   spec = log_spectrogram(x, n_fft, hop)
   if frames is not None and spec.shape[1] != frames:
     if spec.shape[1] > frames:
