@@ -40,6 +40,7 @@ from arl_jax._src.fusion_weighting import WEIGHTINGS
 from arl_jax._src.fusion_weighting import additivity_gap
 from arl_jax._src.fusion_weighting import check_additive
 from arl_jax._src.fusion_weighting import fit_fusion_weights
+from arl_jax._src.fusion_weighting import fusion_weights
 from arl_jax._src.fusion_weighting import inverse_error_weights
 from arl_jax._src.fusion_weighting import inverse_variance_weights
 from arl_jax._src.fusion_weighting import weighted_fusion_logits
@@ -50,6 +51,7 @@ __all__ = [
     "additivity_gap",
     "check_additive",
     "fit_fusion_weights",
+    "fusion_weights",
     "inverse_error_weights",
     "inverse_variance_weights",
     "weighted_fusion_logits",

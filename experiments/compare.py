@@ -158,12 +158,35 @@ BASELINE_ROWS = ("stronger modality alone", "G-Blending") + LATE_FUSION_ROWS
 EXTENDED_PROBLEMS = ("memorise_vs_parity_wide",)
 
 
+# A user's own problems (--arrays NAME=PATH): spawned workers read them from
+# this variable, set before the pool starts.
+USER_ARRAYS_ENV = "ARL_JAX_COMPARE_ARRAYS"
+
+
+def user_problems() -> dict[str, str]:
+  """``{name: arrays file}`` of the problems given with ``--arrays``."""
+  spec = os.environ.get(USER_ARRAYS_ENV, "")
+  return dict(item.split("=", 1) for item in spec.split("\n") if item)
+
+
+def _user_config(path: str):
+  """The imbalance suite's recipe on a user's arrays file; the held-out
+  slice is made of whole groups when the file has them."""
+  from experiments.configs import imbalance
+  c = imbalance.get_config()
+  c.data.source, c.data.path = "arrays", str(path)
+  c.diagnostics.linear_probe = True
+  with np.load(path, allow_pickle=False) as z:
+    c.data.heldout_by_group = "train.groups" in z.files
+  return c
+
+
 def imbalance_settings(extended: bool = True):
   from arl_jax import data
   from experiments import configs
   from experiments.configs import av_digits
   from experiments.configs import imbalance
-  out = {}
+  out = {name: _user_config(path) for name, path in user_problems().items()}
   for name in data.IMBALANCE_SETTINGS:
     if name in EXTENDED_PROBLEMS and not extended:
       continue
@@ -178,6 +201,8 @@ def imbalance_settings(extended: bool = True):
 
 def modalities(problem: str) -> tuple[str, ...]:
   from arl_jax import data
+  if problem in user_problems():
+    return tuple(data.arrays.file_modalities(user_problems()[problem]))
   if problem in REAL_PROBLEMS or problem in EXTENDED_REAL_PROBLEMS:
     return ("audio", "image")
   return tuple(sorted(data.IMBALANCE_SETTINGS[problem]))
@@ -667,7 +692,30 @@ def main(argv=None):
                            "EMA, head-gradient projection)")
   parser.add_argument("--workers", type=int,
                       default=min(2, os.cpu_count() or 1))
+  parser.add_argument("--arrays", action="append", default=[],
+                      metavar="NAME=PATH",
+                      help="add your own problem: an arrays file written by "
+                           "arl_jax.data.save_arrays, trained with every row "
+                           "of the imbalance suite (repeatable)")
   args = parser.parse_args(argv)
+  user = {}
+  for item in args.arrays:
+    name, sep, path = item.partition("=")
+    if not sep or not name or not path:
+      parser.error(f"--arrays takes NAME=PATH; got {item!r}.")
+    if name in imbalance_settings(extended=True) or name in user:
+      parser.error(f"--arrays: the problem name {name!r} is taken.")
+    from arl_jax.data import arrays as arrays_lib
+    try:
+      arrays_lib.load_arrays(path)
+    except (OSError, ValueError) as e:
+      parser.error(f"--arrays {name}: {e}")
+    user[name] = str(pathlib.Path(path).resolve())
+  if user:
+    if args.suite != "imbalance":
+      parser.error("--arrays adds problems to the imbalance suite.")
+    os.environ[USER_ARRAYS_ENV] = "\n".join(f"{k}={v}"
+                                            for k, v in user.items())
   seeds = range(args.seeds or (5 if args.suite == "imbalance" else 3))
   workroot = pathlib.Path(args.workroot or ROOT / "workdirs" / "compare" /
                           args.suite)

@@ -23,9 +23,9 @@ from experiments import distributed
 from experiments.configs import default as default_config
 
 AV_SOURCES = data_lib.AV_DATA_SETS
-IN_MEMORY_SOURCES = ("synthetic", "imbalanced", "uci", "av_digits")
+IN_MEMORY_SOURCES = ("synthetic", "imbalanced", "uci", "av_digits", "arrays")
 # In-memory sources whose rows carry groups (data.heldout_by_group).
-GROUPED_SOURCES = ("av_digits",)
+GROUPED_SOURCES = ("av_digits", "arrays")
 SOURCES = IN_MEMORY_SOURCES + AV_SOURCES
 FREE_FORM = {("data", "noise")}      # dict-valued fields whose keys are data
 PROGRESS = ("auto", "bar", "lines", "none")
@@ -71,6 +71,21 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     raise ConfigError("data.heldout_fraction, data.only_modality and "
                       "diagnostics.linear_probe are implemented for the "
                       f"in-memory sources {list(IN_MEMORY_SOURCES)} only.")
+  if c.source == "arrays":
+    if not c.path or not pathlib.Path(c.path).is_file():
+      raise ConfigError("config.data.path must name the arrays file of the "
+                        "'arrays' source (arl_jax.data.save_arrays); got "
+                        f"{c.path!r}.")
+    try:
+      with np.load(c.path, allow_pickle=False) as z:
+        keys = set(z.files)
+    except Exception as e:     # any unreadable file: one line, not a trace
+      raise ConfigError(f"config.data.path {c.path!r} is not a readable .npz "
+                        f"file ({type(e).__name__}: {e}).") from None
+    if c.heldout_by_group and "train.groups" not in keys:
+      raise ConfigError(f"config.data.heldout_by_group needs groups, and "
+                        f"{c.path!r} has none: save it with save_arrays(..., "
+                        "groups=...).")
   if c.heldout_by_group and c.source not in GROUPED_SOURCES:
     raise ConfigError(f"config.data.heldout_by_group needs a source whose rows "
                       f"have groups ({list(GROUPED_SOURCES)}); "
@@ -240,6 +255,8 @@ def _source_modalities(config) -> list[str]:
     return sorted(c.views)
   if c.source == "av_digits":
     return ["audio", "image"]
+  if c.source == "arrays":
+    return data_lib.arrays.file_modalities(c.path)
   return ["audio", "visual"]
 
 

@@ -19,7 +19,6 @@ from collections.abc import Mapping
 import jax
 import numpy as np
 
-import arl_jax
 from arl_jax import fusion_weighting
 
 
@@ -70,19 +69,11 @@ def linear_probe_accuracy(
   return out
 
 
-_statistics = jax.jit(arl_jax.modality_statistics)
-
-
 def fusion_weightings(fused: np.ndarray, unimodal: Mapping[str, np.ndarray],
                       labels: np.ndarray) -> dict[str, dict[str, float]]:
   """``{"inverse_variance" | "inverse_error" | "calibrated": {m: w}}``,
-  fitted on held-out rows."""
-  stats = _statistics(unimodal, labels)
-  host = lambda w: {m: float(np.asarray(v)) for m, v in w.items()}
-  return {
-      "inverse_variance": host(
-          fusion_weighting.inverse_variance_weights(stats)),
-      "inverse_error": host(fusion_weighting.inverse_error_weights(stats)),
-      "calibrated": host(
-          fusion_weighting.fit_fusion_weights(fused, unimodal, labels)),
-  }
+  fitted on held-out rows (:func:`arl_jax.fusion_weighting.fusion_weights`)."""
+  return {kind: {m: float(np.asarray(v)) for m, v in
+                 fusion_weighting.fusion_weights(kind, fused, unimodal,
+                                                 labels).items()}
+          for kind in fusion_weighting.WEIGHTINGS}

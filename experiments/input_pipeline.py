@@ -123,6 +123,10 @@ def load_data(config, workdir: pathlib.Path, *, attach_heldout: bool = False,
       extra = {"speakers": {s: sorted(set(g)) for s, g in groups.items()},
                "input_shapes": av_digits.input_shapes(tuple(c.audio_pool)),
                "cnn_pool": dict(av_digits.CNN_POOL)}
+    elif c.source == "arrays":
+      d = data_lib.load_arrays(c.path)
+      splits, num_classes, groups = dict(d.splits), d.num_classes, d.groups
+      extra = {"arrays_file": str(c.path), "arrays_sha256": d.sha256}
     else:
       d = data_lib.load_uci_multifeature(tuple(c.views), seed=c.split_seed)
       splits, num_classes = dict(d.splits), d.num_classes
@@ -138,7 +142,8 @@ def load_data(config, workdir: pathlib.Path, *, attach_heldout: bool = False,
           *splits["train"], c.heldout_fraction, c.split_seed,
           groups["train"] if c.heldout_by_group else None)
       if c.heldout_by_group:
-        extra["heldout_speakers"] = sorted(set(groups["train"][held]))
+        extra["heldout_groups" if c.source == "arrays" else
+              "heldout_speakers"] = sorted(set(groups["train"][held]))
     x, y = splits["train"]
     bs = config.batch_size
 

@@ -415,3 +415,29 @@ def test_label_modalities_refuses_a_bare_string():
     arl_jax.label_modalities("audio")
   with pytest.raises(TypeError, match="must be strings"):
     arl_jax.label_modalities(["audio", 3])
+
+
+def test_fusion_weights_one_entry_point_for_every_weighting():
+  names = ("a", "b")
+  z, y = _logits(7, names, batch=64)
+  rng = np.random.default_rng(7)
+  bias = rng.normal(size=4).astype(np.float32)
+  fused = sum(z[m] for m in names) - bias
+  stats = arl_jax.modality_statistics(z, y)
+  want = {"inverse_variance": fusion_weighting.inverse_variance_weights(stats),
+          "inverse_error": fusion_weighting.inverse_error_weights(stats),
+          "calibrated": fusion_weighting.fit_fusion_weights(fused, z, y)}
+  for kind in fusion_weighting.WEIGHTINGS:
+    got = fusion_weighting.fusion_weights(kind, fused, z, y)
+    for m in names:
+      np.testing.assert_allclose(got[m], want[kind][m], rtol=1e-5)
+  mask = np.arange(64) < 40
+  masked = fusion_weighting.fusion_weights("inverse_error", fused, z, y, mask)
+  cut = fusion_weighting.fusion_weights(
+      "inverse_error", fused[:40], {m: v[:40] for m, v in z.items()}, y[:40])
+  for m in names:
+    np.testing.assert_allclose(masked[m], cut[m], rtol=1e-5)
+  with pytest.raises(ValueError, match="kind must be one of"):
+    fusion_weighting.fusion_weights("median", fused, z, y)
+  with pytest.raises(ValueError, match="label"):
+    fusion_weighting.fusion_weights("inverse_variance", fused, z, y + 10)

@@ -140,6 +140,47 @@ def _inverse_weights(stats, spread, floor: float) -> dict[str, Array]:
   return {m: w[i] for i, m in enumerate(names)}
 
 
+_jitted_statistics = jax.jit(stats_lib.modality_statistics)
+
+
+def fusion_weights(kind: str, fused: Array, unimodal: Mapping[str, Array],
+                   labels: Array, mask: Array | None = None
+                   ) -> dict[str, Array]:
+  """One weighting (``WEIGHTINGS``) from held-out logits and labels.
+
+  The one entry point of a held-out fusion weighting in a user's loop: run
+  the model in evaluation mode on held-out rows (never the test split), then
+  ``w = fusion_weights(kind, fused, unimodal, labels)`` and score
+  ``weighted_fusion_logits(fused, unimodal, w)`` on validation to select.
+
+  Args:
+    kind: ``"inverse_variance"`` (:func:`inverse_variance_weights`),
+      ``"inverse_error"`` (:func:`inverse_error_weights`) or
+      ``"calibrated"`` (:func:`fit_fusion_weights`).
+    fused, unimodal, labels, mask: the held-out rows' logits of an additive
+      head, their labels, and which rows count.
+
+  Returns:
+    ``{modality: w_m}``. The scales differ by kind and are what each
+    weighting means: the inverse weightings sum to K (equal evidence gives
+    the plain model, ``w = 1``); calibrated weights are free per-modality
+    temperatures. Only relative to the bias term does a common factor
+    matter, so weights of different kinds are not to be compared entry by
+    entry.
+  """
+  if kind not in WEIGHTINGS:
+    raise ValueError(f"kind must be one of {list(WEIGHTINGS)}; got {kind!r}.")
+  if kind == "calibrated":
+    return fit_fusion_weights(fused, unimodal, labels, mask)
+  names, batch, classes = _validation.check_logits(unimodal)
+  _validation.check_labels(labels, batch, classes)
+  _validation.check_mask(mask, batch)
+  stats = _jitted_statistics(unimodal, labels, mask)
+  if kind == "inverse_variance":
+    return inverse_variance_weights(stats)
+  return inverse_error_weights(stats)
+
+
 def fit_fusion_weights(fused: Array, unimodal: Mapping[str, Array],
                        labels: Array, mask: Array | None = None, *,
                        steps: int = 300, learning_rate: float = 0.05

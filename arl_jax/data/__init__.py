@@ -18,6 +18,9 @@
   handwritten digits, test and validation speakers never in training.
 * :func:`group_holdout`: a held-out slice made of whole groups (speakers,
   subjects), so that it resembles unseen data.
+* :func:`save_arrays` / :func:`load_arrays`: your own multimodal arrays
+  (three splits, optional groups) as one checked ``.npz``, the runner's
+  ``arrays`` source.
 
 Modules: ``layouts`` (what a local copy holds), ``builders`` (the TFDS
 builders, :func:`prepare`), ``prepared`` (the storage format and its reader,
@@ -28,6 +31,8 @@ the padded last batch), ``splits`` (stratified splits), ``synthetic``,
 ``uci_multifeature``, ``audio``.
 """
 
+from arl_jax.data.arrays import load_arrays
+from arl_jax.data.arrays import save_arrays
 from arl_jax.data.av_digits import load_audio_visual_digits
 from arl_jax.data.av_pipeline import batches as av_batches
 from arl_jax.data.batching import iterate_batches
@@ -61,6 +66,7 @@ __all__ = [
     "frame_canvas",
     "group_holdout",
     "iterate_batches",
+    "load_arrays",
     "load_audio_visual_digits",
     "load_fsdd",
     "load_prepared",
@@ -70,4 +76,5 @@ __all__ = [
     "make_nonlinear_gaussian",
     "prepare",
     "prepare_fsdd",
+    "save_arrays",
 ]

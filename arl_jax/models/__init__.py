@@ -2,8 +2,9 @@
 
 Linen rather than NNX: the library's contract is a pure ``apply_fn`` over a
 plain nested-dict parameter pytree (what optax labels, ``pmap``/shardings
-replicate and orbax saves). Linen's ``apply`` is exactly that; NNX gets there
-through ``nnx.split``/``nnx.merge`` and wraps every leaf in a ``Param`` node.
+replicate and orbax saves). Linen's ``apply`` is exactly that; an NNX model
+gets there through :func:`nnx_apply_fn` (``nnx.split`` once, a fresh
+``nnx.merge`` per call, parameters and state as plain nested dicts).
 """
 
 from arl_jax.models.builders import audio_visual_classifier
@@ -20,6 +21,8 @@ from arl_jax.models.multimodal import MultimodalClassifier
 from arl_jax.models.multimodal import init_model
 from arl_jax.models.multimodal import make_apply_fn
 from arl_jax.models.multimodal import modality_labels
+from arl_jax.models.nnx_adapter import nnx_apply_fn
+from arl_jax.models.nnx_adapter import nnx_update_model
 from arl_jax.models.resnet import BasicBlock
 from arl_jax.models.resnet import FrameEncoder
 from arl_jax.models.resnet import ResNet18
@@ -43,5 +46,7 @@ __all__ = [
     "make_apply_fn",
     "make_fusion",
     "modality_labels",
+    "nnx_apply_fn",
+    "nnx_update_model",
     "multiview_classifier",
 ]
