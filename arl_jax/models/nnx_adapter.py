@@ -5,12 +5,12 @@ features, MLA's sub-steps, data parallelism) takes a pure function over
 pytrees. :func:`nnx_apply_fn` splits an NNX model once into its graph, its
 parameters (what optax updates) and the rest of its state (BatchNorm
 statistics, dropout RNG counters), and merges a fresh copy inside every call:
-the model object you built is never mutated by the step.
+the model object you built is never mutated by the step::
 
-  >>> apply_fn, params, model_state = nnx_apply_fn(model)   # doctest: +SKIP
-  >>> state = arl_jax.TrainState.create(params=params, tx=tx,
-  ...                                   model_state=model_state, rng=key)
-  >>> step = arl_jax.make_train_step(apply_fn, tx, arl_jax.ARL())
+  apply_fn, params, model_state = nnx_apply_fn(model)
+  state = arl_jax.TrainState.create(params=params, tx=tx,
+                                    model_state=model_state, rng=key)
+  step = arl_jax.make_train_step(apply_fn, tx, arl_jax.ARL())
 
 The model's ``__call__(inputs)`` returns ``(fused, {modality: unimodal})``
 (``arl_jax.fused_and_unimodal_logits``), or ``(fused, unimodal, features)``
