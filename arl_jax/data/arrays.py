@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import os
 import pathlib
 import zipfile
@@ -150,9 +151,9 @@ def load_arrays(path: str | os.PathLike) -> ArrayProblem:
   if not path.is_file():
     raise FileNotFoundError(f"no arrays file at {path}: write one with "
                             "arl_jax.data.arrays.save_arrays.")
-  data = path.read_bytes()
+  data = path.read_bytes()      # read once: hashed, then parsed
   try:
-    with np.load(path, allow_pickle=False) as z:
+    with np.load(io.BytesIO(data), allow_pickle=False) as z:
       content = {k: z[k] for k in z.files}
   except (zipfile.BadZipFile, ValueError, OSError, EOFError) as e:
     raise ValueError(f"{path} is not a readable .npz file ({e}).") from None

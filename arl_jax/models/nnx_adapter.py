@@ -31,11 +31,6 @@ import jax
 from flax import nnx
 
 
-def _to_pure(state: nnx.State) -> Any:
-  """``nnx.State`` -> nested dicts of arrays (what optax and orbax see)."""
-  return nnx.to_pure_dict(state)
-
-
 def nnx_apply_fn(model: nnx.Module, *,
                  rng_streams: Sequence[str] = ("dropout",)
                  ) -> tuple[Callable[..., Any], Any, Any]:
@@ -78,9 +73,9 @@ def nnx_apply_fn(model: nnx.Module, *,
         nnx.reseed(module, **streams)
     outputs = module(inputs)
     _, _, _, new_rest = nnx.split(module, nnx.Param, nnx.RngState, ...)
-    return outputs, _to_pure(new_rest) if train else model_state
+    return outputs, nnx.to_pure_dict(new_rest) if train else model_state
 
-  return apply_fn, _to_pure(params), _to_pure(rest)
+  return apply_fn, nnx.to_pure_dict(params), nnx.to_pure_dict(rest)
 
 
 def _filled(template: nnx.State, values: Any) -> nnx.State:
