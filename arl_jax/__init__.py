@@ -32,17 +32,21 @@ Public modules: :mod:`arl_jax.methods` (one module per method),
 :mod:`arl_jax.models`, :mod:`arl_jax.data`, :mod:`arl_jax.parallel`
 (``pmap`` and ``jit`` with shardings), :mod:`arl_jax.statistics` (the
 building blocks of a new rule), :mod:`arl_jax.estimators`,
-:mod:`arl_jax.fusion_weighting`, :mod:`arl_jax.optimizer_checks`,
-:mod:`arl_jax.modality_values`.
+:mod:`arl_jax.fusion_weighting` (held-out fusion weighting),
+:mod:`arl_jax.epoch_hooks` (a method's epoch hook in your own loop),
+:mod:`arl_jax.step_parts` (the named pieces of the train step),
+:mod:`arl_jax.optimizer_checks`, :mod:`arl_jax.modality_values`.
 """
 
 from arl_jax import coefficients
+from arl_jax import epoch_hooks
 from arl_jax import estimators
 from arl_jax import fusion_weighting
 from arl_jax import modality_values
 from arl_jax import optimizer_checks
 from arl_jax import parallel
 from arl_jax import statistics
+from arl_jax import step_parts
 from arl_jax._src.coefficients import arl_coefficients
 from arl_jax._src.coefficients import ogm_ge_coefficients
 from arl_jax._src.coefficients import released_arl_coefficients
@@ -139,6 +143,7 @@ __all__ = [
     "coefficients",
     "cross_entropy",
     "entropy",
+    "epoch_hooks",
     "estimators",
     "fused_and_unimodal_logits",
     "fusion_weighting",
@@ -158,6 +163,7 @@ __all__ = [
     "released_arl_coefficients",
     "scale_by_modality",
     "statistics",
+    "step_parts",
     "unimodal_inverse_variance",
     "with_modality_scales",
     "zero_other_modalities",

@@ -33,26 +33,47 @@ the fused logits, so these weights are not defined there:
 :func:`check_additive` says so, from a fusion name or structurally from the
 head itself (:func:`additivity_gap`), and ``make_eval_step(...)(state,
 batch, fusion_weights=w)`` checks the model's head before it weighs it.
+
+In a loop of your own, the whole held-out procedure is a few lines: run
+the eval step over held-out and validation rows (:func:`collect_logits`),
+fit every weighting on the held-out rows and keep the one of best
+validation accuracy (:func:`select_fusion_weighting`, which also scores
+the plain head), then score the choice on test (:func:`weighted_accuracy`).
+The runner does exactly this every epoch. One input throughout (logits and
+labels, :class:`FusionLogits`) and one weight scale: ``w_m`` multiplies
+modality ``m``'s term relative to the plain head.
 """
 
 from arl_jax._src.fusion_weighting import ADDITIVE_FUSIONS
 from arl_jax._src.fusion_weighting import WEIGHTINGS
+from arl_jax._src.fusion_weighting import FusionLogits
+from arl_jax._src.fusion_weighting import FusionSelection
 from arl_jax._src.fusion_weighting import additivity_gap
 from arl_jax._src.fusion_weighting import check_additive
+from arl_jax._src.fusion_weighting import collect_logits
 from arl_jax._src.fusion_weighting import fit_fusion_weights
+from arl_jax._src.fusion_weighting import fit_weightings
 from arl_jax._src.fusion_weighting import fusion_weights
 from arl_jax._src.fusion_weighting import inverse_error_weights
 from arl_jax._src.fusion_weighting import inverse_variance_weights
+from arl_jax._src.fusion_weighting import select_fusion_weighting
+from arl_jax._src.fusion_weighting import weighted_accuracy
 from arl_jax._src.fusion_weighting import weighted_fusion_logits
 
 __all__ = [
     "ADDITIVE_FUSIONS",
     "WEIGHTINGS",
+    "FusionLogits",
+    "FusionSelection",
     "additivity_gap",
     "check_additive",
+    "collect_logits",
     "fit_fusion_weights",
+    "fit_weightings",
     "fusion_weights",
     "inverse_error_weights",
     "inverse_variance_weights",
+    "select_fusion_weighting",
+    "weighted_accuracy",
     "weighted_fusion_logits",
 ]

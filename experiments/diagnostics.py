@@ -1,4 +1,4 @@
-"""Per-epoch diagnostics of modality imbalance: linear probes, fusion weights.
+"""Per-epoch diagnostics of modality imbalance: linear probes.
 
 * :func:`linear_probe_accuracy`: how much of a modality's label information
   its frozen encoder features hold. A ridge classifier (least squares onto
@@ -6,9 +6,9 @@
   rows and scored on validation and test. An encoder that concatenation
   starves (the imbalance signature) gives a lower probe accuracy inside the
   multimodal model than when its modality is trained alone.
-* :func:`fusion_weightings`: the inverse-variance and the fitted
-  (calibrated) per-modality fusion weights from held-out rows
-  (:mod:`arl_jax.fusion_weighting`).
+
+Fusion weights fitted on held-out rows are the library's
+(:func:`arl_jax.fusion_weighting.fit_weightings`).
 """
 
 from __future__ import annotations
@@ -18,8 +18,6 @@ from collections.abc import Mapping
 
 import jax
 import numpy as np
-
-from arl_jax import fusion_weighting
 
 
 def _ridge_classifier(x: np.ndarray, y: np.ndarray, num_classes: int,
@@ -67,13 +65,3 @@ def linear_probe_accuracy(
     for m in modalities:
       out[m][split] = float(np.mean(probes[m](f[m]) == y))
   return out
-
-
-def fusion_weightings(fused: np.ndarray, unimodal: Mapping[str, np.ndarray],
-                      labels: np.ndarray) -> dict[str, dict[str, float]]:
-  """``{"inverse_variance" | "inverse_error" | "calibrated": {m: w}}``,
-  fitted on held-out rows (:func:`arl_jax.fusion_weighting.fusion_weights`)."""
-  return {kind: {m: float(np.asarray(v)) for m, v in
-                 fusion_weighting.fusion_weights(kind, fused, unimodal,
-                                                 labels).items()}
-          for kind in fusion_weighting.WEIGHTINGS}

@@ -1,10 +1,8 @@
 """Evaluation of a trained state: exact metrics of a split, the per-epoch
-record, fusion weights fitted on held-out rows, and the encoders' features of
-a split (linear probes, epoch hooks)."""
+record, and fusion weights fitted on held-out rows."""
 
 from __future__ import annotations
 
-import functools
 import math
 import pathlib
 
@@ -13,7 +11,7 @@ import numpy as np
 
 import arl_jax
 from arl_jax import data as data_lib
-from experiments import diagnostics
+from arl_jax import fusion_weighting
 from experiments.input_pipeline import Data
 
 
@@ -110,31 +108,27 @@ def epoch_record(epoch, train, val, test, lr, modalities) -> dict:
 
 def weighted_evaluation(eval_step, state, data: Data, val: dict,
                         test: dict, batch_size: int) -> dict:
-  """Validation/test accuracy with fusion weights fitted on held-out rows.
+  """Validation/test accuracy with fusion weights fitted on held-out rows
+  (:mod:`arl_jax.fusion_weighting`: the library's held-out procedure).
 
   ``val`` and ``test`` are this epoch's evaluations with their logits; the
   weighted fused prediction is recomputed from them, not from the model.
   """
   hx, hy = data.heldout
-  held = evaluate(eval_step, state, functools.partial(
-      data_lib.iterate_batches, hx, hy, batch_size), data.num_classes,
-      logits=True)
-  weightings = diagnostics.fusion_weightings(held["fused_logits"],
-                                             held["unimodal_logits"],
-                                             held["labels"])
+  held = fusion_weighting.collect_logits(
+      eval_step, state, data_lib.iterate_batches(hx, hy, batch_size))
   out = {}
-  for name, weights in weightings.items():
-    acc = {}
-    for split, r in (("val", val), ("test", test)):
-      # p_0 + sum_m w_m (p_m - p_0), p_0 = (sum_m p_m - p_f) / (K - 1), on
-      # the host (arl_jax.fusion_weighting.weighted_fusion_logits on device).
-      uni = r["unimodal_logits"]
-      bias = (sum(uni.values()) - r["fused_logits"]) / (len(uni) - 1)
-      fused = bias + sum(weights[m] * (z - bias) for m, z in uni.items())
-      acc[split] = float(np.mean(np.argmax(fused, -1) == r["labels"]))
+  for name, weights in fusion_weighting.fit_weightings(held).items():
+    acc = {split: fusion_weighting.weighted_accuracy(_logits(r), weights)
+           for split, r in (("val", val), ("test", test))}
     out[name] = {"weights": weights, "val_accuracy": acc["val"],
                  "test_accuracy": acc["test"]}
   return out
+
+
+def _logits(r: dict) -> fusion_weighting.FusionLogits:
+  return fusion_weighting.FusionLogits(r["fused_logits"], r["unimodal_logits"],
+                                       r["labels"])
 
 
 def true_class_variance(r: dict) -> dict[str, float]:
@@ -154,35 +148,3 @@ def save_predictions(workdir: pathlib.Path, val: dict, test: dict) -> None:
                    (("validation", val), ("test", test))
                    for k in ("log_probs", "labels")})
   tmp.replace(workdir / "predictions.npz")
-
-
-def split_features(feature_fn, host_state, data: Data, split: str,
-                   chunk: int = 1024, *, eval_preprocess=None):
-  """``({modality: features}, labels)`` of every row of ``split``, in
-  evaluation mode: ``"train"`` or ``"validation"``, never the test split.
-
-  In-memory sources: the split's arrays, ``chunk`` rows at a time.
-  Audio-visual sources: the split's evaluation batches (``"train"``:
-  ``data.train_eval``, no augmentation), each through ``eval_preprocess``
-  (``data.eval_preprocess``, jitted) where given, padding rows dropped.
-  """
-  if split not in ("train", "validation"):
-    raise ValueError(f"an epoch hook reads the 'train' or 'validation' split, "
-                     f"never {split!r}.")
-  if data.splits is not None:
-    x, y = data.splits[split]
-    parts = [jax.device_get(feature_fn(host_state, {
-        m: v[i:i + chunk] for m, v in x.items()}))
-             for i in range(0, len(y), chunk)]
-    return {m: np.concatenate([p[m] for p in parts]) for m in parts[0]}, y
-  batches = data.train_eval if split == "train" else data.evaluate[split]
-  parts, labels = [], []
-  for batch in batches():
-    inputs = (batch if eval_preprocess is None
-              else eval_preprocess(batch))["inputs"]
-    keep = np.asarray(batch["mask"], bool)
-    feats = jax.device_get(feature_fn(host_state, inputs))
-    parts.append({m: np.asarray(v)[keep] for m, v in feats.items()})
-    labels.append(np.asarray(batch["labels"])[keep])
-  return ({m: np.concatenate([p[m] for p in parts]) for m in parts[0]},
-          np.concatenate(labels))

@@ -56,7 +56,6 @@ from experiments.config_checks import validate_config
 from experiments.evaluation import encoder_distance
 from experiments.evaluation import epoch_record
 from experiments.evaluation import evaluate
-from experiments.evaluation import split_features as _split_features
 from experiments.input_pipeline import Data
 from experiments.input_pipeline import load_data
 
@@ -257,46 +256,16 @@ def _read_log(path: pathlib.Path, last_epoch: int) -> list[dict]:
   return out
 
 
-def _fit_copy(state, keep, epochs, *, apply_fn, tx, data: Data, config,
-              compiled: dict):
-  """Trains a copy of ``state`` (fresh optimiser state, one device) on CE of
-  the fused logits with inputs outside ``keep`` zeroed; returns per
-  copy-epoch sums of per-batch mean training and validation losses.
-  Reads ``data.train`` and the validation batches (with the data's device
-  augmentation, if any; every row in this process: one process only for a
-  source sharded by process). ``compiled`` keeps each ``keep``'s jitted
-  steps for the next call."""
-  keep = tuple(keep)
-  if keep not in compiled:
-    def zeroed(params, model_state, inputs, *, train, rng):
-      x = {m: v if m in keep else jnp.zeros_like(v) for m, v in inputs.items()}
-      return apply_fn(params, model_state, x, train=train, rng=rng)
-    compiled[keep] = (
-        jax.jit(arl_jax.make_train_step(
-            zeroed, tx, arl_jax.Method(), check_tx=False,
-            preprocess=data.train_preprocess)),
-        jax.jit(arl_jax.make_eval_step(zeroed,
-                                       preprocess=data.eval_preprocess)))
-  step, evaluate_fn = compiled[keep]
-  copy = state.replace(opt_state=tx.init(state.params))
-  train_sums, val_sums = [], []
-  for j in range(epochs):
-    losses = []
-    for batch in data.train(100_000 + j):      # orders the run never uses
-      batch = {k: v for k, v in batch.items() if k != "heldout"}
-      copy, metrics = step(copy, batch)
-      losses.append(metrics["loss"])
-    train_sums.append(float(np.sum(jax.device_get(losses))))
-    val = 0.0
-    for batch in data.evaluate["validation"]():
-      out = jax.device_get(evaluate_fn(copy, batch))
-      valid = np.asarray(out["valid"])
-      z = np.asarray(out["fused_logits"], np.float64)[valid]
-      y = np.asarray(out["labels"])[valid]
-      logp = z - np.logaddexp.reduce(z, axis=-1, keepdims=True)
-      val += float(-np.mean(logp[np.arange(len(y)), y])) if len(y) else 0.0
-    val_sums.append(val)
-  return train_sums, val_sums
+def _feature_batches(data: Data, split: str):
+  """The rows of ``split`` as evaluation batches for the encoders' features:
+  an in-memory split ``chunk`` rows at a time, an audio-visual one its
+  unaugmented evaluation batches (``data.train_eval`` for ``"train"``)."""
+  if data.splits is None:
+    return data.train_eval if split == "train" else data.evaluate[split]
+  x, y = data.splits[split]
+  chunk = 1024
+  return lambda: ({"inputs": {m: v[i:i + chunk] for m, v in x.items()},
+                   "labels": y[i:i + chunk]} for i in range(0, len(y), chunk))
 
 
 def _loss_jump(history: list[dict], loss: float, factor: float = 10.0,
@@ -387,25 +356,21 @@ def _train_locked(config, workdir: pathlib.Path, topology,
       {"params": st.params, **st.model_state}, x, train=False,
       features_only=True))
   features = feature_fn if config.diagnostics.linear_probe else None
-  fit_copy = functools.partial(_fit_copy, apply_fn=apply_fn, tx=tx,
-                               data=data, config=config, compiled={})
-  hook_preprocess = (jax.jit(data.eval_preprocess) if data.eval_preprocess
-                     else None)
-
-  def epoch_context(host_state):
-    return arl_jax.EpochContext(
-        modalities=data.modalities, num_classes=data.num_classes,
-        features=functools.partial(_split_features, feature_fn, host_state,
-                                   data, eval_preprocess=hook_preprocess),
-        seed=config.seed, fit_copy=fit_copy, num_epochs=config.num_epochs)
-
+  hook = arl_jax.epoch_hooks.EpochHook(
+      method, apply_fn=apply_fn, tx=tx, num_classes=data.num_classes,
+      modalities=data.modalities, num_epochs=config.num_epochs,
+      seed=config.seed, train_batches=data.train,
+      validation_batches=data.evaluate["validation"],
+      feature_batches={split: _feature_batches(data, split)
+                       for split in ("train", "validation")},
+      train_preprocess=data.train_preprocess,
+      eval_preprocess=data.eval_preprocess)
   if method.has_epoch_hook:
     # "Epoch 0": before training (PMR's first prototypes, G-Blending's first
     # weights). Also when resuming: the checkpoint's state (which replaces
     # this one) is restored into this structure (G-Blending then repeats its
     # first estimation, deterministically, for nothing).
-    state, _ = method.epoch_end(0, state, epoch_context(
-        jax.device_get(state)))
+    state, _ = hook(0, state)
   state = topology.put_state(state)
 
   checkpoints = _Checkpoints(workdir, topology)
@@ -520,9 +485,7 @@ def _train_locked(config, workdir: pathlib.Path, topology,
     if method.has_epoch_hook:
       # Outside jit, after the epoch's evaluation; what it changes is in the
       # checkpoint below.
-      host_state = topology.host(state)     # one transfer, read by both
-      host_state, hook_record = method.epoch_end(epoch, host_state,
-                                                 epoch_context(host_state))
+      host_state, hook_record = hook(epoch, topology.host(state))
       state = topology.put_state(host_state)
       if hook_record:
         record["method"] = hook_record

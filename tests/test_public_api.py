@@ -10,12 +10,13 @@ import pytest
 
 import arl_jax
 
-PUBLIC_MODULES = ("coefficients", "data", "estimators", "fusion_weighting",
-                  "methods", "modality_values", "models", "optimizer_checks",
-                  "parallel", "statistics")
+PUBLIC_MODULES = ("coefficients", "data", "epoch_hooks", "estimators",
+                  "fusion_weighting", "methods", "modality_values", "models",
+                  "optimizer_checks", "parallel", "statistics", "step_parts")
 # Thin namespaces: every name is re-exported from arl_jax._src.<module>.
-NAMESPACES = ("coefficients", "estimators", "fusion_weighting",
-              "modality_values", "optimizer_checks", "parallel", "statistics")
+NAMESPACES = ("coefficients", "epoch_hooks", "estimators", "fusion_weighting",
+              "modality_values", "optimizer_checks", "parallel", "statistics",
+              "step_parts")
 
 
 def test_top_level_modules_are_the_public_ones_and_src():
@@ -74,7 +75,7 @@ def test_register_method_replaces_a_rerun_definition_and_refuses_clashes():
   import dataclasses
   from typing import ClassVar
 
-  from arl_jax.methods import base
+  from arl_jax._src import method_protocol as base
 
   def define(doc):
     @dataclasses.dataclass(frozen=True)
@@ -129,3 +130,22 @@ def test_a_custom_rule_from_statistics_as_documented():
   assert not np.allclose(
       [float(out.coefficients[m]) for m in z],
       [float(v) for v in arl_jax.arl_coefficients(z, y, 4.0).values()])
+
+
+def test_the_core_imports_nothing_above_it():
+  """``arl_jax/_src`` is the core: as optax keeps its protocol in
+  ``optax._src.base``, no module there imports a public module above it
+  (``arl_jax.methods``, ``arl_jax.models``, ...), which import it."""
+  import ast
+  import pathlib
+  src = pathlib.Path(arl_jax.__file__).parent / "_src"
+  offenders = []
+  for path in sorted(src.glob("*.py")):
+    for node in ast.walk(ast.parse(path.read_text())):
+      names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+               else [node.module or ""] if isinstance(node, ast.ImportFrom)
+               else [])
+      offenders += [f"{path.name}: {n}" for n in names
+                    if n.startswith("arl_jax") and not (
+                        n == "arl_jax._src" or n.startswith("arl_jax._src."))]
+  assert not offenders, offenders

@@ -19,6 +19,7 @@ import pytest
 import arl_jax
 from arl_jax import data as data_lib
 from arl_jax import models
+from arl_jax.epoch_hooks import batch_features
 from benchmarks import fake_data
 from experiments import configs
 from experiments import train
@@ -137,23 +138,24 @@ def test_features_of_a_split_read_every_row_once_in_evaluation_mode(prepared):
             for m, v in inputs.items()}
 
   preprocess = jax.jit(data.eval_preprocess)
+
+  def split_features(split):
+    # What the runner's epoch hook reads (arl_jax.epoch_hooks.EpochHook).
+    return batch_features(feature_fn, None, train._feature_batches(
+        data, split), preprocess=preprocess)
+
   for split in ("train", "validation"):
-    x, y = train._split_features(feature_fn, None, data, split,
-                                 eval_preprocess=preprocess)
+    x, y = split_features(split)
     want = np.array([src[split][i]["label"] for i in range(len(src[split]))])
     np.testing.assert_array_equal(y, want)      # every row once, in order
     assert {m: len(v) for m, v in x.items()} == {"audio": len(want),
                                                   "visual": len(want)}
   # The frames the features saw were resized on the device (no canvas).
   assert all(s[2:4] == (32, 32) for s in seen)
-  first, _ = train._split_features(feature_fn, None, data, "train",
-                                   eval_preprocess=preprocess)
-  again, _ = train._split_features(feature_fn, None, data, "train",
-                                   eval_preprocess=preprocess)
+  first, _ = split_features("train")
+  again, _ = split_features("train")
   for m in first:                              # no augmentation: the same
     np.testing.assert_array_equal(again[m], first[m])
-  with pytest.raises(ValueError, match="never 'test'"):
-    train._split_features(feature_fn, None, data, "test")
 
 
 @pytest.mark.parametrize("name,overrides", [

@@ -5,9 +5,12 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 from collections.abc import Mapping
+from typing import Any
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from arl_jax._src import statistics as stats_lib
@@ -230,3 +233,102 @@ def _fit(terms, bias, labels, w_rows, steps, learning_rate):
                                length=steps)
   return list(jnp.exp(log_w))
 
+
+
+# --------------------------------------------------------------------------
+# Held-out fusion weighting in a loop: collect logits, fit, score, select.
+
+
+class FusionLogits(NamedTuple):
+  """Evaluation-mode logits of a set of rows (host arrays).
+
+  ``fused [rows, C]`` (an additive head's), ``unimodal {m: [rows, C]}``
+  (the other modalities zeroed) and ``labels [rows]``: every input a
+  weighting is fitted on or scored on.
+  """
+  fused: Any
+  unimodal: dict[str, Any]
+  labels: Any
+
+
+class FusionSelection(NamedTuple):
+  """What :func:`select_fusion_weighting` chose, and why.
+
+  ``kind``: ``"none"`` (the plain head) or one of ``WEIGHTINGS``;
+  ``weights``: its ``{m: w_m}`` (all ones for ``"none"``); ``candidates``:
+  every candidate's weights; ``validation_accuracy``: every candidate's
+  accuracy on the validation rows, the only thing the choice reads.
+  """
+  kind: str
+  weights: dict[str, float]
+  candidates: dict[str, dict[str, float]]
+  validation_accuracy: dict[str, float]
+
+
+def collect_logits(eval_step: Callable, state: Any, batches) -> FusionLogits:
+  """Runs ``eval_step(state, batch)`` (:func:`arl_jax.make_eval_step`, or
+  any step returning its ``valid``, ``fused_logits``, ``unimodal_logits``
+  and ``labels``) over ``batches`` (an iterable) and keeps the counted
+  rows, in order, as host arrays."""
+  fused, unimodal, labels = [], [], []
+  for batch in batches:
+    out = jax.device_get(eval_step(state, batch))
+    valid = np.asarray(out["valid"], bool)
+    fused.append(np.asarray(out["fused_logits"])[valid])
+    unimodal.append({m: np.asarray(v)[valid]
+                     for m, v in out["unimodal_logits"].items()})
+    labels.append(np.asarray(out["labels"])[valid])
+  if not fused:
+    raise ValueError("collect_logits: the batches are empty.")
+  return FusionLogits(np.concatenate(fused),
+                      {m: np.concatenate([u[m] for u in unimodal])
+                       for m in unimodal[0]},
+                      np.concatenate(labels))
+
+
+def fit_weightings(heldout: FusionLogits, kinds=WEIGHTINGS
+                   ) -> dict[str, dict[str, float]]:
+  """``{kind: {m: w_m}}``: each weighting of ``kinds`` fitted on the
+  held-out rows (:func:`fusion_weights`; never the test split).
+
+  Every weight is on the same scale: the multiplier of modality ``m``'s
+  term relative to the plain head (all ones give the fused logits back).
+  The inverse weightings also sum to K by construction; the calibrated ones
+  are free (their overall size is part of the fit: it sets the weight of
+  the shared bias term).
+  """
+  return {kind: {m: float(np.asarray(v)) for m, v in fusion_weights(
+      kind, heldout.fused, heldout.unimodal, heldout.labels).items()}
+          for kind in kinds}
+
+
+def weighted_accuracy(logits: FusionLogits,
+                      weights: Mapping[str, Array | float]) -> float:
+  """Accuracy of :func:`weighted_fusion_logits` on ``logits``' rows."""
+  z = weighted_fusion_logits(logits.fused, logits.unimodal, weights)
+  return float(np.mean(np.asarray(jnp.argmax(z, -1)) ==
+                       np.asarray(logits.labels)))
+
+
+def select_fusion_weighting(heldout: FusionLogits, validation: FusionLogits,
+                            kinds=WEIGHTINGS, *, include_plain: bool = True
+                            ) -> FusionSelection:
+  """Fits each weighting on ``heldout`` and keeps the one of best
+  ``validation`` accuracy (ties: the plain head, then ``kinds``' order).
+
+  The held-out rows fit, the validation rows select, the test split is
+  never read: score the choice on it afterwards with
+  :func:`weighted_accuracy`, or pass ``selection.weights`` to
+  ``make_eval_step(...)(state, batch, fusion_weights=...)``.
+  """
+  names = _validation.modality_names(heldout.unimodal, "unimodal logits")
+  candidates = ({"none": dict.fromkeys(names, 1.0)} if include_plain else {})
+  candidates.update(fit_weightings(heldout, kinds))
+  if not candidates:
+    raise ValueError("select_fusion_weighting: no candidate (kinds is empty "
+                     "and include_plain is False).")
+  accuracy = {k: weighted_accuracy(validation, w)
+              for k, w in candidates.items()}
+  best = max(candidates, key=lambda k: (accuracy[k],
+                                        -list(candidates).index(k)))
+  return FusionSelection(best, candidates[best], candidates, accuracy)

@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 from typing import ClassVar
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -36,26 +37,43 @@ from arl_jax.methods.base import _check_concrete
 from arl_jax.methods.base import register_method
 
 
-def blending_weights(curves: dict, ratio: str = "delta") -> dict[str, float]:
+def blending_weights(curves: dict, ratio: str = "delta") -> dict:
   """Normalised ``w_k`` from each head's ``(T_0, T_last, V_0, V_last)``.
 
   ``ratio="delta"``: ``|V_last - V_0| / O^2`` (BalanceBenchmark);
-  ``"multibench"``: ``|V_last| / max(O, 1e-4)^2``.
+  ``"multibench"``: ``|V_last| / max(O, 1e-4)^2``; ``O = (V_last - T_last)
+  - (V_0 - T_0)``. A head with ``O = 0`` gets the largest finite weight;
+  all-zero weights become uniform.
+
+  Branch-free: Python or NumPy numbers give float64 Python floats; JAX
+  arrays (or tracers: the function can be jitted and ``jax.vmap``-ed over
+  seeds, curves stacked on a leading axis) give JAX arrays.
   """
-  raw = {}
-  for k, (t0, t1, v0, v1) in curves.items():
-    o = (v1 - t1) - (v0 - t0)
-    if ratio == "multibench":
-      raw[k] = abs(v1) / max(o, 1e-4) ** 2
-    else:
-      raw[k] = abs(v1 - v0) / o ** 2 if o != 0 else np.inf
-  finite = [v for v in raw.values() if np.isfinite(v)]
-  cap = max(finite) if finite else 1.0
-  raw = {k: (v if np.isfinite(v) else cap) for k, v in raw.items()}
-  total = sum(raw.values())
-  if not total > 0:
-    return {k: 1.0 / len(raw) for k in raw}
-  return {k: v / total for k, v in raw.items()}
+  if ratio not in ("delta", "multibench"):
+    raise ValueError(f"ratio must be 'delta' or 'multibench'; got {ratio!r}.")
+  keys = list(curves)
+  traced = any(isinstance(v, jax.Array) for c in curves.values() for v in c)
+  xp = jnp if traced else np
+  t0, t1, v0, v1 = (xp.stack([xp.asarray(curves[k][i], None if traced
+                                          else np.float64) for k in keys])
+                    for i in range(4))
+  o = (v1 - t1) - (v0 - t0)
+  if ratio == "multibench":
+    raw = xp.abs(v1) / xp.maximum(o, 1e-4) ** 2
+  else:
+    nonzero = o != 0
+    raw = xp.where(nonzero, xp.abs(v1 - v0) / xp.where(nonzero, o, 1.0) ** 2,
+                   xp.inf)
+  finite = xp.isfinite(raw)
+  cap = xp.where(xp.any(finite), xp.max(xp.where(finite, raw, -xp.inf)), 1.0)
+  raw = xp.where(finite, raw, cap)
+  total = xp.sum(raw)
+  positive = total > 0
+  w = xp.where(positive, raw / xp.where(positive, total, 1.0),
+               1.0 / len(keys))
+  if traced:
+    return {k: w[i] for i, k in enumerate(keys)}
+  return {k: float(w[i]) for i, k in enumerate(keys)}
 
 
 @register_method

@@ -1,0 +1,14 @@
+"""Epoch hooks (PMR, D&R, G-Blending) in a training loop of your own.
+
+:class:`EpochHook` builds a method's :class:`arl_jax.EpochContext` from the
+model, the optimiser and the loop's batches, and runs
+``method.epoch_end``; :func:`make_fit_copy` and :func:`batch_features` are
+its two ingredients. The runner uses the same class.
+"""
+
+from arl_jax._src.epoch_hooks import COPY_SEED_OFFSET
+from arl_jax._src.epoch_hooks import EpochHook
+from arl_jax._src.epoch_hooks import batch_features
+from arl_jax._src.epoch_hooks import make_fit_copy
+
+__all__ = ["COPY_SEED_OFFSET", "EpochHook", "batch_features", "make_fit_copy"]
