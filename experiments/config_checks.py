@@ -117,6 +117,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(f"config.model.dtype must be float32 or bfloat16; got "
                       f"{config.model.dtype!r}.")
   method = make_method(config)   # method-specific checks (T > 0, ...)
+  _check_method_values(config, method)
   try:       # what the method supports of the data (PMR: two modalities)
     method.init_state(tuple(_source_modalities(config)))
   except ValueError as e:
@@ -142,6 +143,44 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(f"method {config.method.name!r} with these fields needs "
                       "held-out rows: set config.data.heldout_fraction (e.g. "
                       "0.1).")
+
+
+# Fields where +inf is a setting, not an accident (AGM's clamp: the AVE script).
+_INFINITE_ALLOWED = frozenset({"clamp"})
+
+
+def _check_method_values(config, method) -> None:
+  """What a method's own constructor cannot see: non-finite numbers (a NaN
+  or infinite temperature, gamma or alpha would otherwise stop the run with
+  a divergence that blames the learning rate), the modalities a field names,
+  and the model a method's option needs."""
+  name = config.method.name
+  for f in dataclasses.fields(method):
+    v = getattr(method, f.name)
+    values = v if isinstance(v, tuple) else (v,)
+    for x in values:
+      if not _is_number(x) or math.isfinite(x):
+        continue
+      if f.name in _INFINITE_ALLOWED and x == math.inf:
+        continue
+      raise ConfigError(f"config.method.{f.name} must be a finite number "
+                        f"(method {name!r}); got {v!r}.")
+  modalities = _source_modalities(config)
+  reference = getattr(method, "reference", None)
+  if reference is not None and reference not in modalities:
+    raise ConfigError(f"config.method.reference {reference!r} is not one of "
+                      f"the data's modalities {modalities}.")
+  if getattr(method, "projection", "none") != "none" and (
+      config.model.fusion != "shared"):
+    raise ConfigError(
+        f"config.method.projection {method.projection!r} projects the "
+        "gradient of a head shared by the modalities: it needs "
+        f"config.model.fusion='shared' (got {config.model.fusion!r}).")
+  stop, every = config.stop_after_epoch, config.checkpoint_every_epochs
+  if stop and stop < config.num_epochs and stop % every:
+    raise ConfigError(
+        f"config.stop_after_epoch {stop} must fall on a checkpoint epoch: a "
+        f"multiple of config.checkpoint_every_epochs ({every}).")
 
 
 def _check(ok: bool, field: str, allowed: str, value) -> None:

@@ -140,11 +140,37 @@ def true_class_variance(r: dict) -> dict[str, float]:
   return out
 
 
-def save_predictions(workdir: pathlib.Path, val: dict, test: dict) -> None:
+def predictions(val: dict, test: dict) -> dict[str, np.ndarray]:
+  """The validation and test log-probabilities and labels of an epoch, as
+  ``predictions.npz`` holds them."""
+  return {f"{split}_{k}": np.asarray(r[k]) for split, r in
+          (("validation", val), ("test", test))
+          for k in ("log_probs", "labels")}
+
+
+def save_predictions(workdir: pathlib.Path, arrays: dict) -> None:
   """Validation and test log-probabilities of the best-validation epoch
-  (late-fusion ensembles of runs are built from these)."""
+  (late-fusion ensembles of runs are built from these), written atomically."""
   tmp = workdir / "predictions.tmp.npz"
-  np.savez(tmp, **{f"{split}_{k}": r[k] for split, r in
-                   (("validation", val), ("test", test))
-                   for k in ("log_probs", "labels")})
+  np.savez(tmp, **arrays)
   tmp.replace(workdir / "predictions.npz")
+
+
+def ensure_predictions(workdir: pathlib.Path, arrays: dict) -> None:
+  """Rewrites ``predictions.npz`` unless it holds exactly ``arrays`` (it was
+  deleted, truncated or changed since the best epoch wrote it)."""
+  from experiments import workdir as workdir_lib
+  path = workdir / "predictions.npz"
+  try:
+    with np.load(path) as saved:
+      if set(saved.files) == set(arrays) and all(
+          np.array_equal(saved[k], v) for k, v in arrays.items()):
+        return
+      problem = "holds other predictions"
+  except FileNotFoundError:
+    problem = "is missing"
+  except Exception as e:     # noqa: BLE001 -- truncated, not a zip, ...
+    problem = f"is unreadable ({type(e).__name__})"
+  workdir_lib.log(f"{path} {problem}: rewritten from the checkpoint's copy "
+                  "of the best epoch's predictions.")
+  save_predictions(workdir, arrays)

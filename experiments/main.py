@@ -13,17 +13,33 @@ environment (``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES``,
 """
 
 import os
+import signal
 import sys
 
-from absl import app
-from absl import flags
-from absl import logging
-from ml_collections import config_flags
 
-from arl_jax import data as data_lib
-from experiments import distributed
-from experiments import train
-from experiments import workdir as workdir_lib
+def _interrupted_at_start_up(signum, frame):
+  """SIGTERM before training started: nothing to save, one line, exit."""
+  del frame
+  print(f"{signal.Signals(signum).name} during start-up: nothing was trained "
+        "or saved yet; run the same command again.", file=sys.stderr,
+        flush=True)
+  os._exit(128 + signum)
+
+
+# First thing (before the heavy imports) when run as the CLI; the training
+# loop installs its own handler, which saves, once it runs.
+if __name__ == "__main__":
+  signal.signal(signal.SIGTERM, _interrupted_at_start_up)
+
+from absl import app  # noqa: E402
+from absl import flags  # noqa: E402
+from absl import logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from arl_jax import data as data_lib  # noqa: E402
+from experiments import distributed  # noqa: E402
+from experiments import train  # noqa: E402
+from experiments import workdir as workdir_lib  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "config file",
                                           lock_config=True)
@@ -34,6 +50,8 @@ _COORDINATOR = flags.DEFINE_string(
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None,
                                       "number of processes (hosts)")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "this process's index")
+_DEBUG = flags.DEFINE_bool(
+    "debug", False, "show the full traceback of an error instead of one line")
 _INIT_TIMEOUT = flags.DEFINE_integer(
     "init_timeout", 120, "seconds to wait for every process to join")
 flags.mark_flags_as_required(["config", "workdir"])
@@ -91,8 +109,16 @@ def main(argv):
           "from the last checkpoint.", file=sys.stderr)
     sys.exit(130)
   except (train.ConfigError, train.TrainingDiverged, workdir_lib.WorkdirBusy,
-          data_lib.DataError) as e:
+          workdir_lib.WorkdirError, data_lib.DataError) as e:
+    if _DEBUG.value:
+      raise
     sys.exit(f"error: {e}")
+  except Exception as e:     # noqa: BLE001 -- the file system, one line
+    err = workdir_lib.os_error_in(e)
+    if err is None or _DEBUG.value:
+      raise
+    sys.exit(f"error: {workdir_lib.describe_os_error(err)} (--debug shows "
+             "the traceback)")
   import jax
   if jax.process_index() == 0:
     print("results:", {k: v for k, v in report.items()

@@ -36,6 +36,7 @@ import numpy as np
 import optax
 
 import arl_jax
+from arl_jax import data as data_lib
 from arl_jax import fusion_weighting
 from arl_jax import modality_values
 from arl_jax import models
@@ -125,7 +126,14 @@ def _check_workdir(config, workdir: pathlib.Path) -> None:
   saved = workdir / "config.json"
   ckpt = workdir / "checkpoints"
   if saved.exists():
-    if json.loads(saved.read_text()) != json.loads(_config_json(config)):
+    try:
+      recorded = json.loads(saved.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+      raise ConfigError(
+          f"{saved} is not JSON ({type(e).__name__}): this workdir's record "
+          "is damaged, so it cannot be resumed safely; use another --workdir "
+          "(nothing was changed).") from None
+    if recorded != json.loads(_config_json(config)):
       raise ConfigError(
           f"{workdir} holds a run with a different config ({saved}); use "
           "another --workdir (nothing was changed).")
@@ -211,23 +219,84 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   except distributed.TopologyError as e:
     raise ConfigError(str(e)) from None
   workdir = pathlib.Path(workdir)
+  if topology.is_writer:
+    _refuse_foreign(workdir)          # before the lock: nothing touched
   created = not workdir.exists()
-  lock = _lock(workdir, topology.is_writer)
+  setup = {"wrote_config": False, "saved": False}
+  try:
+    lock = _lock(workdir, topology.is_writer)
+  except OSError as e:
+    raise workdir_lib.WorkdirError(workdir_lib.describe_os_error(
+        e, "cannot create the run's folder or lock")) from e
   # One process cannot stop a collective run alone: several processes stop
   # on SIGTERM through JAX's preemption service (every process saves at the
   # same step); one process handles SIGTERM and Ctrl-C itself.
   signals = () if jax.process_count() > 1 else (signal.SIGTERM, signal.SIGINT)
   try:
     with workdir_lib.Preemption(signals) as preempt:
-      return _train_locked(config, workdir, topology, preempt)
+      return _train_locked(config, workdir, topology, preempt, lock, setup)
   except ConfigError:
-    if created and topology.is_writer and all(
-        p.name == ".lock" for p in workdir.iterdir()):
-      lock.release()
-      shutil.rmtree(workdir)      # refused before writing: leave no trace
+    _forget_setup(workdir, created, topology, lock, setup)
     raise
+  except data_lib.DataError:
+    _forget_setup(workdir, created, topology, lock, setup)
+    raise
+  except ValueError as e:
+    # Refused where the step is built or first traced (a method option the
+    # model cannot serve): as a config error, and the config.json this
+    # invocation wrote goes, so the corrected command is not refused as "a
+    # different config".
+    if setup["saved"] or not setup["wrote_config"]:
+      raise
+    _forget_setup(workdir, created, topology, lock, setup)
+    raise ConfigError(f"the run cannot start with this config: {e}") from e
+  except (OSError, RuntimeError) as e:
+    if isinstance(e, (workdir_lib.WorkdirError, workdir_lib.WorkdirBusy,
+                      TrainingDiverged)):
+      raise
+    err = workdir_lib.os_error_in(e)
+    if err is None:
+      raise
+    raise workdir_lib.WorkdirError(workdir_lib.describe_os_error(err)) from e
   finally:
     lock.release()
+
+
+# What a run of ours can leave in its workdir before config.json exists.
+_BEFORE_CONFIG = frozenset({".lock", "data", "checkpoints", "config.json.tmp"})
+
+
+def _refuse_foreign(workdir: pathlib.Path) -> None:
+  """Refuses a --workdir that is a file, or a non-empty folder that holds no
+  run of ours (a user's own files would be overwritten)."""
+  if workdir.exists() and not workdir.is_dir():
+    raise workdir_lib.WorkdirError(
+        f"--workdir {workdir} is a file, not a folder; choose another "
+        "--workdir.")
+  if not workdir.is_dir() or (workdir / "config.json").exists():
+    return
+  foreign = sorted(p.name for p in workdir.iterdir()
+                   if p.name not in _BEFORE_CONFIG)
+  if foreign:
+    shown = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
+    raise ConfigError(
+        f"{workdir} is not empty and holds no arl_jax run (no config.json; "
+        f"it holds {shown}): use a new or empty --workdir (nothing was "
+        "changed).")
+
+
+def _forget_setup(workdir, created, topology, lock, setup) -> None:
+  """A run refused before its first checkpoint leaves no record: the
+  config.json it wrote goes, and a workdir it created goes whole."""
+  if not topology.is_writer:
+    return
+  if setup["wrote_config"]:
+    (workdir / "config.json").unlink(missing_ok=True)
+    setup["wrote_config"] = False
+  if created and workdir.is_dir() and all(
+      p.name in (".lock", "config.json.tmp") for p in workdir.iterdir()):
+    lock.release()
+    shutil.rmtree(workdir)      # refused before writing: leave no trace
 
 
 def _event_log(workdir: pathlib.Path, history: list[dict]):
@@ -246,7 +315,8 @@ def _read_log(path: pathlib.Path, last_epoch: int) -> list[dict]:
   missing file is empty)."""
   out = []
   if path.exists():
-    for line in path.read_text().splitlines():
+    # Bytes that are not UTF-8 (garbage) are lines that do not parse.
+    for line in path.read_bytes().decode("utf-8", "replace").splitlines():
       try:
         record = json.loads(line)
       except ValueError:
@@ -298,7 +368,8 @@ def _mean(partial, stacked) -> dict:
 
 
 def _train_locked(config, workdir: pathlib.Path, topology,
-                  preempt: workdir_lib.Preemption) -> dict:
+                  preempt: workdir_lib.Preemption,
+                  lock: workdir_lib.WorkdirLock, setup: dict) -> dict:
   writer = topology.is_writer
   if workdir.exists():
     _check_workdir(config, workdir)
@@ -316,6 +387,7 @@ def _train_locked(config, workdir: pathlib.Path, topology,
         f"config.batch_size {config.batch_size} is larger than the "
         f"{data.train_rows} training rows: choose at most {data.train_rows}.")
   if writer:
+    setup["wrote_config"] = not (workdir / "config.json").exists()
     _write_atomic(workdir / "config.json", _config_json(config))
 
   if "batches_per_epoch" in {f.name for f in dataclasses.fields(method)}:
@@ -378,10 +450,11 @@ def _train_locked(config, workdir: pathlib.Path, topology,
   # timings.jsonl are logs rewritten from it, never read to resume.
   meta = {"epoch": 0, "best_val": -1.0, "best_epoch": 0, "history": [],
           "position": None}
-  partial = None
+  partial = best_predictions = None
   restored = checkpoints.restore(state)
   if restored is not None:
-    state, saved_meta, partial = restored
+    state, saved_meta, partial, best_predictions = restored
+    saved_meta.pop("has_predictions", None)
     meta.update(saved_meta)
     if "history" not in saved_meta:      # written before the record moved
       meta["history"] = _read_log(workdir / "metrics.jsonl", meta["epoch"])
@@ -419,9 +492,13 @@ def _train_locked(config, workdir: pathlib.Path, topology,
                                                   topology.to_numpy))
                if t is not None]
       stacked = jax.tree.map(lambda *xs: np.concatenate(xs), *parts)
-    checkpoints.save((epoch - 1) * steps + batch, state,
-                     {**meta, "position": ({"epoch": epoch, "batch": batch}
-                                           if mid else None)}, stacked)
+    lock.check_held()
+    with preempt.saving():
+      checkpoints.save((epoch - 1) * steps + batch, state,
+                       {**meta, "position": ({"epoch": epoch, "batch": batch}
+                                             if mid else None)}, stacked,
+                       best_predictions)
+    setup["saved"] = True
 
   for epoch in range(position["epoch"], config.num_epochs + 1):
     start = time.perf_counter()
@@ -480,8 +557,10 @@ def _train_locked(config, workdir: pathlib.Path, topology,
       record["test_true_class_variance"] = evaluation.true_class_variance(test)
     if new_best:
       meta.update(best_val=val["accuracy"], best_epoch=epoch)
+      best_predictions = evaluation.predictions(val, test)
       if writer:
-        evaluation.save_predictions(workdir, val, test)
+        lock.check_held()
+        evaluation.save_predictions(workdir, best_predictions)
     if method.has_epoch_hook:
       # Outside jit, after the epoch's evaluation; what it changes is in the
       # checkpoint below.
@@ -498,6 +577,7 @@ def _train_locked(config, workdir: pathlib.Path, topology,
     timing = {"epoch": epoch, "time_s": time.perf_counter() - start,
               "train_time_s": train_s, "resumed_at_batch": first}
     if writer:
+      lock.check_held()
       with open(history_path, "a") as f:
         f.write(workdir_lib.json_line(record))
       with open(timings_path, "a") as f:
@@ -527,6 +607,11 @@ def _train_locked(config, workdir: pathlib.Path, topology,
   if events is not None:
     events.close()
   final_params = topology.host(state.params)
+  if writer and best_predictions is not None:
+    # A finished run's predictions.npz is the best epoch's, deleted or
+    # damaged since or not: rewritten from the checkpoint's copy if it
+    # differs.
+    evaluation.ensure_predictions(workdir, best_predictions)
 
   best = next(h for h in history if h["epoch"] == meta["best_epoch"])
   last = history[-1]
@@ -566,6 +651,7 @@ def _train_locked(config, workdir: pathlib.Path, topology,
           "weights_at_best_val": sel["fusion"][name]["weights"]}
   if not writer:
     return report
+  lock.check_held()
   _write_atomic(workdir / "results.json", json.dumps(report, indent=1))
   if config.plots:
     from experiments import plots

@@ -19,6 +19,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import errno
 import hashlib
@@ -58,6 +59,7 @@ class WorkdirLock:
     self.workdir = pathlib.Path(workdir)
     self.path = self.workdir / ".lock"
     self._fd: int | None = None
+    self._identity: tuple[int, int] | None = None
 
   def holder(self) -> dict:
     try:
@@ -100,7 +102,27 @@ class WorkdirLock:
     os.ftruncate(fd, 0)
     os.pwrite(fd, record, 0)
     self._fd = fd
+    st = os.fstat(fd)
+    self._identity = (st.st_dev, st.st_ino)
     return self
+
+  def check_held(self) -> None:
+    """Raises :class:`WorkdirBusy` unless ``workdir/.lock`` is still the
+    file this run locked: deleted or replaced during the run, another run
+    may have started here, so this one stops before it writes anything."""
+    if self._fd is None:
+      return
+    try:
+      st = os.stat(self.path)
+      same = (st.st_dev, st.st_ino) == self._identity
+    except OSError:
+      same = False
+    if not same:
+      raise WorkdirBusy(
+          f"{self.path} was deleted or replaced while this run held it: "
+          "another run may be writing in this workdir, so this one stops "
+          "without writing (its last checkpoint is kept). Run one command "
+          "per workdir, and never delete .lock by hand.")
 
   def release(self) -> None:
     if self._fd is not None:
@@ -123,6 +145,67 @@ def _alive(pid) -> bool:
   except PermissionError:
     return True
   return True
+
+
+# ------------------------------------------------------- file-system errors --
+
+class WorkdirError(RuntimeError):
+  """The file system refused an operation of the run (one line: the path,
+  what failed and what to do)."""
+
+
+_ADVICE = {
+    errno.EROFS: "the file system is read-only: choose a --workdir on a "
+                 "writable one",
+    errno.EACCES: "no permission: choose a --workdir you can write to, or fix "
+                  "its permissions",
+    errno.EPERM: "not permitted: choose a --workdir you can write to",
+    errno.ENOSPC: "the disk is full: free space there and run the same "
+                  "command again (the previous checkpoint is kept)",
+    errno.EDQUOT: "the disk quota is exceeded: free space and run again",
+    errno.ENOTDIR: "a path component is a file, not a folder: choose another "
+                   "--workdir",
+    errno.EEXIST: "a file is in the way of a folder: choose another --workdir",
+    errno.EISDIR: "a folder is where the run keeps a file: remove or rename "
+                  "it, or choose another --workdir",
+    errno.ENOENT: "it does not exist (deleted during the run?)",
+}
+
+
+def os_error_in(error: BaseException) -> OSError | None:
+  """``error`` itself or the first OSError it was raised from (orbax wraps
+  the file system's errors)."""
+  seen = set()
+  while error is not None and id(error) not in seen:
+    if isinstance(error, OSError) and error.errno is not None:
+      return error
+    seen.add(id(error))
+    error = error.__cause__ or error.__context__
+  return None
+
+
+def describe_os_error(error: OSError, doing: str = "", needs: str = "") -> str:
+  """One line: what failed, on which path, why, and what to do."""
+  path = error.filename or "?"
+  if error.filename2:
+    path = f"{path} -> {error.filename2}"
+  why = error.strerror or os.strerror(error.errno or 0)
+  advice = _ADVICE.get(error.errno, "check the path and the file system")
+  what = f"{doing} " if doing else ""
+  extra = f" {needs}" if needs else ""
+  return f"{what}{path}: {why}; {advice}.{extra}"
+
+
+def folder_size(path: pathlib.Path) -> int:
+  """Bytes of the files under ``path`` (0 if it does not exist)."""
+  total = 0
+  if path.is_dir():
+    for p in path.rglob("*"):
+      try:
+        total += p.stat().st_size if p.is_file() else 0
+      except OSError:
+        pass
+  return total
 
 
 # ------------------------------------------------------------- checkpoints --
@@ -237,9 +320,24 @@ class Preemption:
   def __init__(self, signals=(signal.SIGTERM, signal.SIGINT)):
     self.signals = tuple(signals)
     self.requested = 0
+    self._saving = False
     self._previous: dict[int, Any] = {}
 
+  @contextlib.contextmanager
+  def saving(self):
+    """A save in progress: a second signal waits for it to finish (an
+    interrupted orbax save would leave a half-written step and a traceback)."""
+    self._saving = True
+    try:
+      yield
+    finally:
+      self._saving = False
+
   def _handle(self, signum, frame):
+    if self.requested and self._saving:
+      print("finishing the checkpoint being saved first, then stopping.",
+            file=sys.stderr, flush=True)
+      return
     if self.requested:                   # second signal: abort at once
       raise KeyboardInterrupt
     self.requested = signum

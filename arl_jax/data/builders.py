@@ -40,9 +40,11 @@ from arl_jax.data.layouts import AVE_CLASSES
 from arl_jax.data.layouts import CREMA_D_CLASSES
 from arl_jax.data.layouts import Clip
 from arl_jax.data.layouts import DataError
+from arl_jax.data.layouts import check_clip_lists
 from arl_jax.data.layouts import layout_error
 from arl_jax.data.layouts import missing_entries
 from arl_jax.data.layouts import read_list
+from arl_jax.data.layouts import read_utf8
 from arl_jax.data.layouts import stratified_holdout
 
 try:  # TFDS is an optional dependency (the `data` extra).
@@ -155,6 +157,7 @@ if tfds is not None:
         raise DataError(f"data root {root} does not exist.")
       self.check_layout(root)
       splits = self.list_splits(root)
+      check_clip_lists(splits)
       known = set(self.classes(root))
       for name, clips in splits.items():
         keep = []
@@ -301,7 +304,7 @@ if tfds is not None:
       path = pathlib.Path(root) / "classes.txt"
       if not path.is_file():
         raise DataError(f"Kinetics-Sounds class list {path} does not exist.")
-      return tuple(l.strip() for l in path.read_text().splitlines() if l.strip())
+      return tuple(l.strip() for l in read_utf8(path).splitlines() if l.strip())
 
     def list_splits(self, root):
       out = {}
@@ -346,7 +349,7 @@ if tfds is not None:
         if not path.is_file():
           raise DataError(f"AVE split list {path} does not exist.")
         clips = []
-        for n, line in enumerate(path.read_text().splitlines(), 1):
+        for n, line in enumerate(read_utf8(path).splitlines(), 1):
           if not line.strip() or line.startswith("Category&"):
             continue
           parts = line.split("&")
@@ -392,6 +395,65 @@ def prepare(name: str, manual_dir: str | os.PathLike, data_dir: str | os.PathLik
   manual_dir = pathlib.Path(manual_dir)
   if not manual_dir.is_dir():
     raise DataError(f"data root {manual_dir} does not exist.")
+  data_dir = pathlib.Path(data_dir)
+  data_dir.mkdir(parents=True, exist_ok=True)
+  # One preparation at a time per data_dir (two runs starting together).
+  with _PreparationLock(data_dir / f".prepare_{name}.lock"):
+    return _prepare_locked(name, manual_dir, data_dir, skip_invalid,
+                           builder_kwargs)
+
+
+FINGERPRINT = "source_fingerprint.json"
+
+
+def source_fingerprint(name: str, manual_dir: pathlib.Path,
+                       builder_kwargs: dict) -> dict:
+  """What a prepared copy was prepared from: the builder's arguments, the
+  SHA-256 of every list file at the top of ``manual_dir`` and, for each
+  folder of the layout, the number and total size of its files."""
+  import hashlib
+  cls = BUILDERS[name]
+  lists = {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+           for p in sorted(manual_dir.iterdir())
+           if p.is_file() and p.suffix in (".csv", ".txt")}
+  folders = {}
+  for entry, _ in cls.LAYOUT:
+    if entry.endswith("/"):
+      count = size = 0
+      for dirpath, _, files in os.walk(manual_dir / entry.rstrip("/")):
+        for f in files:
+          count += 1
+          size += os.stat(os.path.join(dirpath, f)).st_size
+      folders[entry] = {"files": count, "bytes": size}
+  return {"data_set": name, "arguments": {k: repr(v) for k, v in
+                                           sorted(builder_kwargs.items())},
+          "lists": lists, "folders": folders}
+
+
+class _PreparationLock:
+  """``flock`` on a file next to the prepared data (released on exit)."""
+
+  def __init__(self, path: pathlib.Path):
+    self.path, self.fd = path, None
+
+  def __enter__(self):
+    import fcntl
+    self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+      fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      print(f"waiting for another process preparing into {self.path.parent}",
+            flush=True)
+      fcntl.flock(self.fd, fcntl.LOCK_EX)
+    except OSError:     # no flock on this filesystem: prepare unlocked
+      pass
+    return self
+
+  def __exit__(self, *exc):
+    os.close(self.fd)
+
+
+def _prepare_locked(name, manual_dir, data_dir, skip_invalid, builder_kwargs):
   cls = BUILDERS[name]
   missing = missing_entries(manual_dir, cls.LAYOUT)
   try:
@@ -402,12 +464,31 @@ def prepare(name: str, manual_dir: str | os.PathLike, data_dir: str | os.PathLik
     if missing:
       raise layout_error(cls.TITLE, manual_dir, cls.LAYOUT, missing) from None
     raise
-  if missing and not pathlib.Path(builder.data_dir).exists():  # else reused
+  prepared_dir = pathlib.Path(builder.data_dir)
+  if missing and not prepared_dir.exists():  # else reused
     raise layout_error(cls.TITLE, manual_dir, cls.LAYOUT, missing)
+  fingerprint = (None if missing else
+                 source_fingerprint(name, manual_dir, builder_kwargs))
+  record = prepared_dir / FINGERPRINT
+  if prepared_dir.exists() and record.is_file() and fingerprint is not None:
+    try:
+      saved = json.loads(record.read_text())
+    except ValueError:
+      saved = None
+    if saved != fingerprint:
+      changed = sorted(k for k in fingerprint
+                       if (saved or {}).get(k) != fingerprint[k])
+      raise DataError(
+          f"{prepared_dir} was prepared from another copy of {cls.TITLE} than "
+          f"{manual_dir} (different {', '.join(changed) or 'record'}); delete "
+          f"{prepared_dir} to prepare it again from {manual_dir}, or use "
+          "another prepared_dir.")
   builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
       manual_dir=os.fspath(manual_dir)))
   prepared.store_uncompressed(builder.data_dir)
+  if fingerprint is not None and not record.is_file():
+    record.write_text(json.dumps(fingerprint, indent=1))
   if builder.skipped:
-    report = pathlib.Path(builder.data_dir) / "prepare_report.json"
+    report = prepared_dir / "prepare_report.json"
     report.write_text(json.dumps({"skipped": builder.skipped}, indent=1))
   return builder

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import pathlib
 from collections.abc import Sequence
 
@@ -44,19 +45,47 @@ class Clip:
   listed: str = ""         # where the clip is listed: "<file>, line <n>"
 
 
+def read_utf8(path: pathlib.Path) -> str:
+  """A list file's text; :class:`DataError` if it is not UTF-8."""
+  try:
+    return path.read_bytes().decode("utf-8")
+  except UnicodeDecodeError as e:
+    raise DataError(f"list file {path} is not UTF-8 text (byte {e.start}: "
+                    f"{e.reason}); save it as UTF-8.") from None
+
+
 def read_list(path: pathlib.Path) -> list[tuple[str, str, str]]:
   """``(clip, label, "<path>, line <n>")`` of each "clip,label" line."""
   if not path.is_file():
     raise DataError(f"split list {path} does not exist.")
+  text = read_utf8(path)
   rows = []
-  with open(path, newline="") as f:
-    for n, row in enumerate(csv.reader(f), 1):
-      if not row or not row[0].strip():
-        continue
-      if len(row) < 2:
-        raise DataError(f"{path}, line {n}: expected 'clip,label'; got {row}.")
-      rows.append((row[0].strip(), row[1].strip(), f"{path}, line {n}"))
+  for n, row in enumerate(csv.reader(io.StringIO(text, newline="")), 1):
+    if not row or not row[0].strip():
+      continue
+    if len(row) < 2:
+      raise DataError(f"{path}, line {n}: expected 'clip,label'; got {row}.")
+    rows.append((row[0].strip(), row[1].strip(), f"{path}, line {n}"))
+  if not rows:
+    raise DataError(f"split list {path} lists no clip (expected 'clip,label' "
+                    "lines).")
   return rows
+
+
+def check_clip_lists(splits: dict) -> None:
+  """Raises :class:`DataError` for a clip listed twice, in one split or in
+  two (a leak between the splits: a clip trained on and tested on)."""
+  seen: dict[str, tuple[str, str]] = {}
+  for split, clips in splits.items():
+    for c in clips:
+      if c.clip_id in seen:
+        where, first = seen[c.clip_id]
+        what = ("listed twice" if where == split else
+                f"in both the {where!r} and the {split!r} split (a leak: it "
+                "would be trained on and tested on)")
+        raise DataError(f"clip {c.clip_id!r} is {what}: {first} and "
+                        f"{c.listed or split}. Each clip must be listed once.")
+      seen[c.clip_id] = (split, c.listed or split)
 
 
 def missing_entries(root: pathlib.Path, layout) -> list[str]:

@@ -1,9 +1,10 @@
 """Balancing methods, one module per method, each registered by name.
 
-:mod:`arl_jax.methods.base` holds the protocol (:class:`Method`,
-:class:`Modulation`) and the registry (:func:`register_method`,
-:func:`make_method`, :func:`method_names`); ``concat`` is the base
-:class:`Method` itself (plain multimodal training).
+:mod:`arl_jax.methods.base` re-exports the protocol (:class:`Method`,
+:class:`Modulation`, the contexts) and the registry
+(:func:`register_method`, :func:`make_method`, :func:`method_names`), which
+live in ``arl_jax/_src/method_protocol.py``, below the train step;
+``concat`` is the base :class:`Method` itself (plain multimodal training).
 """
 
 from arl_jax.methods.agm import AGM

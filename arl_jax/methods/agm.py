@@ -134,6 +134,8 @@ class AGM(Method):
   def __post_init__(self):
     super().__post_init__()
     _check_concrete(self.alpha, "alpha", lambda v: v > 0, "> 0")
+    _check_concrete(self.clamp, "clamp", lambda v: v >= 0,
+                    ">= 0 (the upper clamp of r^ - r; inf: none)")
     check_window(self)
 
   def modulation_window(self):

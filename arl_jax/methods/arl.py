@@ -78,6 +78,8 @@ class ARL(_SoftmaxRule):
     super().__post_init__()
     estimators_lib.check_estimator(self.estimator)
     _check_concrete(self.ema, "ema", lambda v: 0.0 <= v < 1.0, "in [0, 1)")
+    _check_concrete(self.entropy_floor, "entropy_floor",
+                    lambda v: 0.0 <= v < float("inf"), "a finite number >= 0")
     if self.dependency not in ("train", "heldout"):
       raise ValueError("dependency must be 'train' or 'heldout'; got "
                        f"{self.dependency!r}.")
