@@ -289,8 +289,9 @@ def _slug(row: str) -> str:
 
 
 def _run_one(task):
-  """One training run (in a worker process); returns (key, report, took)."""
-  suite, problem, row, overrides, seed, workroot = task
+  """Every seed of one row as one training program (in a worker process);
+  returns ((problem, row), {seed: report}, took)."""
+  suite, problem, row, overrides, seeds, workroot = task
   import jax
   jax.config.update("jax_compilation_cache_dir",
                     str(pathlib.Path(workroot) / ".jax_cache"))
@@ -298,22 +299,31 @@ def _run_one(task):
   from absl import logging
   logging.set_verbosity(logging.WARNING)
   from experiments import train
-  workdir = pathlib.Path(workroot) / problem / _slug(row) / f"seed{seed}"
-  done = workdir / "results.json"
+  workdir = pathlib.Path(workroot) / problem / _slug(row)
+  done = [workdir / f"seed{s}" / "results.json" for s in seeds]
   start = time.perf_counter()
-  if done.exists():            # a finished run: read back, not retrained
-    return (problem, row, seed), json.loads(done.read_text()), None
-  report = train.train_and_evaluate(
-      _config(suite, problem, overrides, seed, workroot), workdir)
-  return (problem, row, seed), report, time.perf_counter() - start
+  if all(p.exists() for p in done):   # finished: read back, not retrained
+    return ((problem, row), {s: json.loads(p.read_text())
+                             for s, p in zip(seeds, done)}, None)
+  c = _config(suite, problem, overrides, seeds[0], workroot)
+  c.num_seeds = len(seeds)
+  report = train.train_and_evaluate(c, workdir)
+  reports = report["seeds"] if len(seeds) > 1 else [report]
+  return ((problem, row), dict(zip(seeds, reports)),
+          time.perf_counter() - start)
 
 
 def run_all(suite: str, seeds, workroot: pathlib.Path, only=None,
             workers: int = 1, variants: bool = False):
-  tasks = [(suite, problem, row, overrides, seed, str(workroot))
+  """Every row of the suite, all seeds of a row in one program (the step
+  vmapped over the seeds: ``config.num_seeds``)."""
+  seeds = list(seeds)
+  if seeds != list(range(seeds[0], seeds[0] + len(seeds))):
+    raise ValueError(f"the seeds of a row are consecutive; got {seeds}.")
+  tasks = [(suite, problem, row, overrides, seeds, str(workroot))
            for problem, rows in runs(suite, variants).items()
            if not only or problem in only
-           for row, overrides in rows.items() for seed in seeds]
+           for row, overrides in rows.items()]
   results, reused = {}, 0
   # Small models: one XLA thread per worker process, one process per core.
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
@@ -321,17 +331,18 @@ def run_all(suite: str, seeds, workroot: pathlib.Path, only=None,
                              " intra_op_parallelism_threads=1").strip()
   ctx = multiprocessing.get_context("spawn")
   with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
-    for (problem, row, seed), report, took in pool.map(_run_one, tasks):
-      results.setdefault(problem, {}).setdefault(row, {})[seed] = report
-      reused += took is None
-      print(f"{problem:34s} {row:44s} seed {seed}: test acc "
-            f"{report['test_accuracy_at_best_val']:.4f} "
-            f"({'read back' if took is None else f'{took:.1f} s'})",
+    for (problem, row), reports, took in pool.map(_run_one, tasks):
+      results.setdefault(problem, {})[row] = reports
+      reused += len(seeds) if took is None else 0
+      accs = " ".join(f"{reports[s]['test_accuracy_at_best_val']:.4f}"
+                      for s in seeds)
+      print(f"{problem:34s} {row:44s} seeds {seeds[0]}-{seeds[-1]}: test acc "
+            f"{accs} ({'read back' if took is None else f'{took:.1f} s'})",
             flush=True)
   results = {p: {r: [by_seed[s] for s in sorted(by_seed)]
                  for r, by_seed in rows.items()}
              for p, rows in results.items()}
-  return results, reused, len(tasks)
+  return results, reused, len(tasks) * len(seeds)
 
 
 # ------------------------------------------------------ imbalance tables --
@@ -729,7 +740,9 @@ def main(argv=None):
            else str(workroot))
   reuse_note = (f" ({reused} of {total} runs read back from finished runs in "
                 f"{shown}; delete it to train them again)" if reused else "")
-  run_s = sum(json.loads(l).get("time_s", 0.0)
+  # A row's seeds share one program: each seed's log holds the row's time.
+  run_s = sum(json.loads(l).get("time_s", 0.0) / json.loads(l).get(
+      "num_seeds", 1)
               for path in workroot.glob("*/*/seed*/timings.jsonl")
               for l in path.read_text().splitlines() if l.strip())
   reuse_note += (f"; the runs' own epochs took {run_s / 60:.1f} min in total "

@@ -118,6 +118,13 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
                       f"{config.model.dtype!r}.")
   method = make_method(config)   # method-specific checks (T > 0, ...)
   _check_method_values(config, method)
+  if config.num_seeds > 1 and (config.parallel.mode != "jit"
+                               or jax.process_count() > 1):
+    raise ConfigError(
+        f"config.num_seeds {config.num_seeds} trains the seeds as one program "
+        "with jax.jit over one process's devices: use "
+        "config.parallel.mode='jit' and one process (or num_seeds=1 per "
+        "process).")
   try:       # what the method supports of the data (PMR: two modalities)
     method.init_state(tuple(_source_modalities(config)))
   except ValueError as e:
@@ -214,7 +221,7 @@ def _check_values(config) -> None:
     _check(isinstance(v, bool), field, "True or False", v)
 
   for name in ("batch_size", "num_epochs", "eval_batch_size",
-               "checkpoint_every_epochs"):
+               "checkpoint_every_epochs", "num_seeds"):
     at_least(name, 1)
   for name in ("seed", "warmup_epochs", "stop_after_epoch"):
     at_least(name, 0)

@@ -226,6 +226,44 @@ class Topology:
       return jax.tree.map(self._gather, out)
     return run
 
+  # ------------------------------------------------------------- seeds --
+  # Several seeds in one program (config.num_seeds): the state stacked on a
+  # leading seed axis, replicated on every device (each device holds every
+  # seed's parameters: small models, and no communication between seeds);
+  # the batch [seeds, rows, ...] sharded along its rows, as one seed's.
+
+  def seeds_train_step(self, train_step: Callable) -> Callable:
+    """``jax.vmap`` of a step (``axis_name=None``) over the seed axis."""
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+    replicated = NamedSharding(self.mesh, P())
+    rows = NamedSharding(self.mesh, P(None, parallel.DATA_AXIS))
+    return jax.jit(jax.vmap(train_step), in_shardings=(replicated, rows),
+                   out_shardings=(replicated, replicated), donate_argnums=0)
+
+  def put_seed_batch(self, local_batch: Any) -> Any:
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+    rows = NamedSharding(self.mesh, P(None, parallel.DATA_AXIS))
+    return jax.tree.map(
+        lambda x: jax.make_array_from_process_local_data(rows, np.asarray(x)),
+        local_batch)
+
+  def seeds_eval_step(self, eval_step: Callable) -> Callable:
+    """Every seed's evaluation of one batch (the same rows for all):
+    ``run(state, local_batch) -> host dict`` with a leading seed axis."""
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+    replicated = NamedSharding(self.mesh, P())
+    sharded = NamedSharding(self.mesh, P(parallel.DATA_AXIS))
+    jstep = jax.jit(jax.vmap(lambda st, b: eval_step(st, b), in_axes=(0, None)),
+                    in_shardings=(replicated, sharded))
+
+    def run(state, local_batch):
+      out = jstep(state, self.put_batch(local_batch))
+      return jax.tree.map(self._gather, out)
+    return run
+
   def _gather(self, x: jax.Array) -> np.ndarray:
     if x.is_fully_replicated:
       return np.asarray(x.addressable_data(0))

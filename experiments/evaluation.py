@@ -10,9 +10,7 @@ import jax
 import numpy as np
 
 import arl_jax
-from arl_jax import data as data_lib
 from arl_jax import fusion_weighting
-from experiments.input_pipeline import Data
 
 
 def macro_f1(predictions: np.ndarray, labels: np.ndarray, num_classes: int
@@ -106,17 +104,15 @@ def epoch_record(epoch, train, val, test, lr, modalities) -> dict:
   }
 
 
-def weighted_evaluation(eval_step, state, data: Data, val: dict,
-                        test: dict, batch_size: int) -> dict:
-  """Validation/test accuracy with fusion weights fitted on held-out rows
-  (:mod:`arl_jax.fusion_weighting`: the library's held-out procedure).
+def weighted_evaluation(held: fusion_weighting.FusionLogits, val: dict,
+                        test: dict) -> dict:
+  """Validation/test accuracy with fusion weights fitted on the held-out
+  rows' logits ``held`` (:mod:`arl_jax.fusion_weighting`: the library's
+  held-out procedure).
 
   ``val`` and ``test`` are this epoch's evaluations with their logits; the
   weighted fused prediction is recomputed from them, not from the model.
   """
-  hx, hy = data.heldout
-  held = fusion_weighting.collect_logits(
-      eval_step, state, data_lib.iterate_batches(hx, hy, batch_size))
   out = {}
   for name, weights in fusion_weighting.fit_weightings(held).items():
     acc = {split: fusion_weighting.weighted_accuracy(_logits(r), weights)

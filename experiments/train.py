@@ -28,6 +28,7 @@ import shutil
 import signal
 import sys
 import time
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -147,6 +148,7 @@ class _Progress:
 
   def __init__(self, mode: str, total: int, desc: str):
     interactive = sys.stderr.isatty() if mode == "auto" else mode == "bar"
+    self.interactive = interactive
     self.bar = None
     self.lines = mode in ("auto", "lines") and not interactive
     if interactive:
@@ -156,15 +158,18 @@ class _Progress:
   def step(self, metrics, i):
     if self.bar is not None:
       self.bar.update(1)
-      if i % 10 == 0:
-        self.bar.set_postfix(loss=f"{float(metrics['loss']):.3f}",
-                             acc=f"{float(metrics['accuracy']):.3f}")
+      if i % 10 == 0:       # (the mean over the seeds of a multi-seed run)
+        self.bar.set_postfix(
+            loss=f"{float(np.mean(metrics['loss'])):.3f}",
+            acc=f"{float(np.mean(metrics['accuracy'])):.3f}")
 
-  def epoch(self, record):
+  def epoch(self, record, seed=None):
     if self.bar is not None:
       self.bar.close()
-    if self.lines or self.bar is not None:
-      print(f"epoch {record['epoch']:3d}  loss {record['train_loss']:.4f}  "
+      self.bar = None
+    if self.lines or self.bar is not None or self.interactive:
+      print(("" if seed is None else f"seed {seed}  ") +
+            f"epoch {record['epoch']:3d}  loss {record['train_loss']:.4f}  "
             f"train acc {record['train_accuracy']:.4f}  val acc "
             f"{record['val_accuracy']:.4f}  a = "
             + " ".join(f"{m}:{v:.3f}" for m, v in record["a"].items()),
@@ -367,6 +372,58 @@ def _mean(partial, stacked) -> dict:
   return jax.tree.map(lambda x: float(np.mean(x)), whole)
 
 
+def _seed_config(config, seed: int):
+  """``config`` for one seed of a multi-seed run."""
+  c = ml_collections.ConfigDict(config.to_dict())
+  c.seed, c.num_seeds = seed, 1
+  return c
+
+
+class _SeedAxis:
+  """The seeds of a run: one (no axis, the plain step) or several, stacked
+  on a leading axis of the state, the batches and the step's outputs."""
+
+  def __init__(self, config, workdir: pathlib.Path):
+    self.n = config.num_seeds
+    self.seeds = [config.seed + k for k in range(self.n)]
+    self.stacked = self.n > 1
+    # Each seed's outputs: the workdir itself (one seed) or seed<s>/ in it.
+    self.dirs = ([workdir] if not self.stacked else
+                 [workdir / f"seed{s}" for s in self.seeds])
+
+  def stack(self, trees: list) -> Any:
+    if not self.stacked:
+      return trees[0]
+    return jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]),
+                        *trees)
+
+  def take(self, tree: Any, k: int) -> Any:
+    """Seed ``k``'s part of a stacked (host) tree."""
+    if not self.stacked:
+      return tree
+    return jax.tree.map(lambda x: x[k], tree)
+
+  def take_steps(self, tree: Any, k: int) -> Any:
+    """Seed ``k``'s part of step metrics stacked as ``[steps, seeds, ...]``."""
+    if not self.stacked or tree is None:
+      return tree
+    return jax.tree.map(lambda x: np.asarray(x)[:, k], tree)
+
+  def evaluate(self, eval_step, state, batches, num_classes, logits) -> list:
+    """:func:`evaluate` of every seed: one pass over the split's batches."""
+    outs = [eval_step(state, b) for b in batches()]
+    return [evaluate(lambda _, out, k=k: self.take(out, k), None,
+                     lambda: iter(outs), num_classes, logits=logits)
+            for k in range(self.n)]
+
+  def heldout(self, eval_step, state, batches) -> list:
+    """Every seed's held-out logits (:class:`FusionLogits`)."""
+    outs = [eval_step(state, b) for b in batches]
+    return [fusion_weighting.collect_logits(
+        lambda _, out, k=k: self.take(out, k), None, outs)
+            for k in range(self.n)]
+
+
 def _train_locked(config, workdir: pathlib.Path, topology,
                   preempt: workdir_lib.Preemption,
                   lock: workdir_lib.WorkdirLock, setup: dict) -> dict:
@@ -375,13 +432,20 @@ def _train_locked(config, workdir: pathlib.Path, topology,
     _check_workdir(config, workdir)
   distributed.barrier("workdir checked")
   method = make_method(config)
+  seeds = _SeedAxis(config, workdir)
+  configs = ([config] if not seeds.stacked else
+             [_seed_config(config, s) for s in seeds.seeds])
+
+  def load_all():
+    return [load_data(c, workdir, attach_heldout=method.needs_heldout,
+                      topology=topology) for c in configs]
+
   if writer:
-    data = load_data(config, workdir, attach_heldout=method.needs_heldout,
-                     topology=topology)
+    datas = load_all()
   distributed.barrier("data prepared")       # one process prepares a TFDS data set
   if not writer:
-    data = load_data(config, workdir, attach_heldout=method.needs_heldout,
-                     topology=topology)
+    datas = load_all()
+  data = datas[0]       # the seeds differ in their batch order only
   if data.steps_per_epoch < 1:
     raise ConfigError(
         f"config.batch_size {config.batch_size} is larger than the "
@@ -389,87 +453,118 @@ def _train_locked(config, workdir: pathlib.Path, topology,
   if writer:
     setup["wrote_config"] = not (workdir / "config.json").exists()
     _write_atomic(workdir / "config.json", _config_json(config))
+    for d in seeds.dirs:
+      d.mkdir(exist_ok=True)
 
   if "batches_per_epoch" in {f.name for f in dataclasses.fields(method)}:
     # MLA's alpha_t counts batches within an epoch.
     method = dataclasses.replace(method,
                                  batches_per_epoch=data.steps_per_epoch)
   model = build_model(config, data)
-  params, model_state = models.init_model(model, jax.random.PRNGKey(config.seed),
-                                          data.example)
-  tx, schedule = make_optimizer(config, data)
-  initial_params = jax.device_get(params)
-  state = arl_jax.TrainState.create(params=params, tx=tx,
-                                    model_state=model_state,
-                                    rng=jax.random.PRNGKey(config.seed + 1),
-                                    method=method, modalities=data.modalities)
   apply_fn = models.make_apply_fn(model, with_features=method.needs_features)
-  # A method with its official epoch window (OGM-GE, AGM, PMR) replaces the
-  # shared warm-up by it.
-  warmup_epochs = (0 if method.modulation_window() is not None
-                   else config.warmup_epochs)
-  train_step = topology.train_step(lambda axis_name: arl_jax.make_train_step(
-      apply_fn, tx, method,
-      warmup_steps=warmup_epochs * data.steps_per_epoch,
-      steps_per_epoch=data.steps_per_epoch,
-      preprocess=data.train_preprocess,
-      check_tx=config.optim.check_scales, axis_name=axis_name,
-      normalize_loss_weights=(config.optim.normalize_loss_weights
-                              and not method.alternating)))
-  run_eval = topology.eval_step(make_step=lambda axis_name: (
-      arl_jax.make_eval_step(apply_fn, preprocess=data.eval_preprocess,
-                             method=method, axis_name=axis_name)))
-  local = (lambda b: b) if data.sharded_by_process else topology.local_part
-  eval_step = lambda st, batch, **kw: run_eval(st, local(batch), **kw)
-  weigh_fusion = (data.heldout is not None
-                  and config.model.fusion in fusion_weighting.ADDITIVE_FUSIONS)
   # The encoders' evaluation-mode features: linear probes, epoch hooks.
   feature_fn = jax.jit(lambda st, x: model.apply(
       {"params": st.params, **st.model_state}, x, train=False,
       features_only=True))
   features = feature_fn if config.diagnostics.linear_probe else None
-  hook = arl_jax.epoch_hooks.EpochHook(
-      method, apply_fn=apply_fn, tx=tx, num_classes=data.num_classes,
-      modalities=data.modalities, num_epochs=config.num_epochs,
-      seed=config.seed, train_batches=data.train,
-      validation_batches=data.evaluate["validation"],
-      feature_batches={split: _feature_batches(data, split)
-                       for split in ("train", "validation")},
-      train_preprocess=data.train_preprocess,
-      eval_preprocess=data.eval_preprocess)
-  if method.has_epoch_hook:
-    # "Epoch 0": before training (PMR's first prototypes, G-Blending's first
-    # weights). Also when resuming: the checkpoint's state (which replaces
-    # this one) is restored into this structure (G-Blending then repeats its
-    # first estimation, deterministically, for nothing).
-    state, _ = hook(0, state)
-  state = topology.put_state(state)
+  states, hooks, initial_params = [], [], []
+  for c, d in zip(configs, datas):
+    params, model_state = models.init_model(model, jax.random.PRNGKey(c.seed),
+                                            d.example)
+    tx, schedule = make_optimizer(c, d)   # the seeds differ in tx.init only
+    initial_params.append(jax.device_get(params))
+    state = arl_jax.TrainState.create(params=params, tx=tx,
+                                      model_state=model_state,
+                                      rng=jax.random.PRNGKey(c.seed + 1),
+                                      method=method, modalities=d.modalities)
+    hook = arl_jax.epoch_hooks.EpochHook(
+        method, apply_fn=apply_fn, tx=tx, num_classes=d.num_classes,
+        modalities=d.modalities, num_epochs=config.num_epochs, seed=c.seed,
+        train_batches=d.train, validation_batches=d.evaluate["validation"],
+        feature_batches={split: _feature_batches(d, split)
+                         for split in ("train", "validation")},
+        train_preprocess=d.train_preprocess,
+        eval_preprocess=d.eval_preprocess)
+    if method.has_epoch_hook:
+      # "Epoch 0": before training (PMR's first prototypes, G-Blending's
+      # first weights). Also when resuming: the checkpoint's state (which
+      # replaces this one) is restored into this structure (G-Blending then
+      # repeats its first estimation, deterministically, for nothing).
+      state, _ = hook(0, state)
+    states.append(jax.device_get(state) if seeds.stacked else state)
+    hooks.append(hook)
+  state = topology.put_state(seeds.stack(states))
+  # A method with its official epoch window (OGM-GE, AGM, PMR) replaces the
+  # shared warm-up by it.
+  warmup_epochs = (0 if method.modulation_window() is not None
+                   else config.warmup_epochs)
+
+  def make_step(axis_name):
+    return arl_jax.make_train_step(
+        apply_fn, tx, method,
+        warmup_steps=warmup_epochs * data.steps_per_epoch,
+        steps_per_epoch=data.steps_per_epoch,
+        preprocess=data.train_preprocess,
+        check_tx=config.optim.check_scales, axis_name=axis_name,
+        normalize_loss_weights=(config.optim.normalize_loss_weights
+                                and not method.alternating))
+
+  def make_eval(axis_name):
+    return arl_jax.make_eval_step(apply_fn, preprocess=data.eval_preprocess,
+                                  method=method, axis_name=axis_name)
+
+  local = (lambda b: b) if data.sharded_by_process else topology.local_part
+  if seeds.stacked:
+    # One program for every seed: the step vmapped over the seed axis.
+    train_step = topology.seeds_train_step(make_step(None))
+    run_eval = topology.seeds_eval_step(make_eval(None))
+    put_batch = topology.put_seed_batch
+  else:
+    train_step = topology.train_step(make_step)
+    run_eval = topology.eval_step(make_step=make_eval)
+    put_batch = topology.put_batch
+  eval_step = lambda st, batch, **kw: run_eval(st, local(batch), **kw)
+  weigh_fusion = (data.heldout is not None
+                  and config.model.fusion in fusion_weighting.ADDITIVE_FUSIONS)
 
   checkpoints = _Checkpoints(workdir, topology)
   # The run's whole record lives in the checkpoint: metrics.jsonl and
   # timings.jsonl are logs rewritten from it, never read to resume.
-  meta = {"epoch": 0, "best_val": -1.0, "best_epoch": 0, "history": [],
-          "position": None}
-  partial = best_predictions = None
+  meta = {"epoch": 0, "position": None,
+          "seeds": [{"best_val": -1.0, "best_epoch": 0, "history": []}
+                    for _ in range(seeds.n)]}
+  partial = None
+  best_predictions = [None] * seeds.n
   restored = checkpoints.restore(state)
   if restored is not None:
-    state, saved_meta, partial, best_predictions = restored
+    state, saved_meta, partial, saved_predictions = restored
     saved_meta.pop("has_predictions", None)
+    if "seeds" not in saved_meta:        # one seed, written before seeds
+      one = {k: saved_meta.pop(k) for k in ("best_val", "best_epoch")}
+      one["history"] = saved_meta.pop("history", None)
+      if one["history"] is None:         # written before the record moved
+        one["history"] = _read_log(workdir / "metrics.jsonl",
+                                   saved_meta["epoch"])
+      saved_meta["seeds"] = [one]
+      saved_predictions = (None if saved_predictions is None
+                           else {"0": saved_predictions})
     meta.update(saved_meta)
-    if "history" not in saved_meta:      # written before the record moved
-      meta["history"] = _read_log(workdir / "metrics.jsonl", meta["epoch"])
-  history = meta["history"]
-  history_path = workdir / "metrics.jsonl"
-  timings_path = workdir / "timings.jsonl"
+    if saved_predictions is not None:
+      best_predictions = [saved_predictions.get(str(k))
+                          for k in range(seeds.n)]
+  runs = meta["seeds"]
+  history_paths = [d / "metrics.jsonl" for d in seeds.dirs]
+  timings_paths = [d / "timings.jsonl" for d in seeds.dirs]
   distributed.barrier("state restored")
-  events = None
+  events = [None] * seeds.n
   if writer:
-    _write_atomic(history_path,
-                  "".join(workdir_lib.json_line(h) for h in history))
-    _write_atomic(timings_path, "".join(
-        workdir_lib.json_line(t)
-        for t in _read_log(timings_path, meta["epoch"])))
-    events = _event_log(workdir, history)
+    for k in range(seeds.n):
+      _write_atomic(history_paths[k], "".join(
+          workdir_lib.json_line(h) for h in runs[k]["history"]))
+      _write_atomic(timings_paths[k], "".join(
+          workdir_lib.json_line(t)
+          for t in _read_log(timings_paths[k], meta["epoch"])))
+      events[k] = _event_log(seeds.dirs[k], runs[k]["history"])
 
   steps = data.steps_per_epoch
   position = meta.pop("position") or {"epoch": meta["epoch"] + 1, "batch": 0}
@@ -481,6 +576,12 @@ def _train_locked(config, workdir: pathlib.Path, topology,
       return signal.SIGTERM if multihost_utils.reached_preemption_sync_point(
           done) else 0
     return preempt.requested
+
+  def predictions_item():
+    if all(p is None for p in best_predictions):
+      return None
+    return {str(k): p for k, p in enumerate(best_predictions)
+            if p is not None}
 
   def save(epoch: int, batch: int, step_metrics) -> None:
     """Checkpoint after ``batch`` of the ``steps`` batches of ``epoch``;
@@ -497,8 +598,15 @@ def _train_locked(config, workdir: pathlib.Path, topology,
       checkpoints.save((epoch - 1) * steps + batch, state,
                        {**meta, "position": ({"epoch": epoch, "batch": batch}
                                              if mid else None)}, stacked,
-                       best_predictions)
+                       predictions_item())
     setup["saved"] = True
+
+  def seed_batches(epoch: int, first: int):
+    if not seeds.stacked:
+      yield from data.train(epoch, first)
+      return
+    for parts in zip(*(d.train(epoch, first) for d in datas)):
+      yield seeds.stack(list(parts))
 
   for epoch in range(position["epoch"], config.num_epochs + 1):
     start = time.perf_counter()
@@ -508,8 +616,8 @@ def _train_locked(config, workdir: pathlib.Path, topology,
     progress = _Progress(config.progress if writer else "none", steps,
                          f"epoch {epoch}/{config.num_epochs}")
     step_metrics = []
-    for i, batch in enumerate(data.train(epoch, first), first):
-      state, metrics = train_step(state, topology.put_batch(local(batch)))
+    for i, batch in enumerate(seed_batches(epoch, first), first):
+      state, metrics = train_step(state, put_batch(local(batch)))
       step_metrics.append(metrics)
       progress.step(metrics, i)
       if i + 1 < steps and (signum := stop_requested(
@@ -518,73 +626,95 @@ def _train_locked(config, workdir: pathlib.Path, topology,
         checkpoints.close()
         raise workdir_lib.Preempted(
             signum, f"batch {i + 1} of {steps} of epoch {epoch}", workdir)
-    train = _mean(partial, _host_metrics(step_metrics, topology.to_numpy)
-                  if step_metrics else None)
+    epoch_metrics = (_host_metrics(step_metrics, topology.to_numpy)
+                     if step_metrics else None)
+    trains = [_mean(seeds.take_steps(partial, k),
+                    seeds.take_steps(epoch_metrics, k))
+              for k in range(seeds.n)]
     train_s = time.perf_counter() - start   # the steps and the pipeline
-    if not np.isfinite(train["loss"]):
+    diverged = [s for s, t in zip(seeds.seeds, trains)
+                if not np.isfinite(t["loss"])]
+    if diverged:
       checkpoints.close()
+      which = "" if not seeds.stacked else f" (seed {diverged})"
       raise TrainingDiverged(
-          f"training diverged in epoch {epoch}: the mean training loss is "
-          f"{train['loss']} (config.optim.learning_rate = "
-          f"{config.optim.learning_rate}); nothing of this epoch was saved.")
-    jump = _loss_jump(history, train["loss"])
-    if jump is not None and writer:
-      workdir_lib.log(
-          f"warning: epoch {epoch}'s mean training loss {train['loss']:.3g} is "
-          f"{jump:.0f}x the lowest earlier epoch's: training is unstable "
-          f"(learning rate {config.optim.learning_rate} too high for this "
-          "loss; the end of warm-up raises the unimodal loss weight, see "
-          "config.optim.normalize_loss_weights).")
-    val = evaluate(eval_step, state, data.evaluate["validation"],
-                   data.num_classes, logits=weigh_fusion)
-    test = evaluate(eval_step, state, data.evaluate["test"],
-                    data.num_classes, logits=weigh_fusion)
-    step_count = int(topology.host(state.step))
-    record = epoch_record(epoch, train, val, test,
-                          schedule(step_count - 1), data.modalities)
-    new_best = val["accuracy"] > meta["best_val"]
-    if features is not None and (new_best or epoch == config.num_epochs):
-      # Only where it is reported: the selected epoch and the last one.
-      record["probe_accuracy"] = diagnostics.linear_probe_accuracy(
-          functools.partial(features, topology.host(state)), data.splits,
-          data.num_classes, data.modalities)
-    if weigh_fusion:
-      record["fusion"] = evaluation.weighted_evaluation(
-          eval_step, state, data, val, test, config.eval_batch_size)
-      # The quantity ARL's estimators target, measured on the (large) test
-      # split: a diagnostic of the estimators only, never used in training
-      # or selection.
-      record["test_true_class_variance"] = evaluation.true_class_variance(test)
-    if new_best:
-      meta.update(best_val=val["accuracy"], best_epoch=epoch)
-      best_predictions = evaluation.predictions(val, test)
+          f"training diverged in epoch {epoch}{which}: the mean training "
+          f"loss is {trains[seeds.seeds.index(diverged[0])]['loss']} "
+          f"(config.optim.learning_rate = {config.optim.learning_rate}); "
+          "nothing of this epoch was saved.")
+    vals = seeds.evaluate(eval_step, state, data.evaluate["validation"],
+                          data.num_classes, weigh_fusion)
+    tests = seeds.evaluate(eval_step, state, data.evaluate["test"],
+                           data.num_classes, weigh_fusion)
+    helds = (seeds.heldout(eval_step, state, data_lib.iterate_batches(
+        *data.heldout, config.eval_batch_size)) if weigh_fusion else None)
+    step_count = int(np.ravel(topology.host(state.step))[0])
+    host_state = None
+    if features is not None or method.has_epoch_hook:
+      host_state = topology.host(state)  # one transfer, read by both
+    new_states = []
+    for k in range(seeds.n):
+      run, history = runs[k], runs[k]["history"]
+      train, val, test = trains[k], vals[k], tests[k]
+      jump = _loss_jump(history, train["loss"])
+      if jump is not None and writer:
+        workdir_lib.log(
+            f"warning: epoch {epoch}'s mean training loss {train['loss']:.3g} "
+            f"is {jump:.0f}x the lowest earlier epoch's"
+            + (f" (seed {seeds.seeds[k]})" if seeds.stacked else "") +
+            f": training is unstable (learning rate "
+            f"{config.optim.learning_rate} too high for this loss; the end "
+            "of warm-up raises the unimodal loss weight, see "
+            "config.optim.normalize_loss_weights).")
+      record = epoch_record(epoch, train, val, test,
+                            schedule(step_count - 1), data.modalities)
+      new_best = val["accuracy"] > run["best_val"]
+      if features is not None and (new_best or epoch == config.num_epochs):
+        # Only where it is reported: the selected epoch and the last one.
+        record["probe_accuracy"] = diagnostics.linear_probe_accuracy(
+            functools.partial(features, seeds.take(host_state, k)),
+            data.splits, data.num_classes, data.modalities)
+      if weigh_fusion:
+        record["fusion"] = evaluation.weighted_evaluation(helds[k], val, test)
+        # The quantity ARL's estimators target, measured on the (large) test
+        # split: a diagnostic of the estimators only, never used in training
+        # or selection.
+        record["test_true_class_variance"] = evaluation.true_class_variance(
+            test)
+      if new_best:
+        run.update(best_val=val["accuracy"], best_epoch=epoch)
+        best_predictions[k] = evaluation.predictions(val, test)
+        if writer:
+          lock.check_held()
+          evaluation.save_predictions(seeds.dirs[k], best_predictions[k])
+      if method.has_epoch_hook:
+        # Outside jit, after the epoch's evaluation; what it changes is in
+        # the checkpoint below.
+        one, hook_record = hooks[k](epoch, seeds.take(host_state, k))
+        new_states.append(one)
+        if hook_record:
+          record["method"] = hook_record
+      if jump is not None:
+        record["loss_jump"] = jump
+      record["steps"] = len(step_metrics) + first
+      record = workdir_lib.finite_or_none(record)
+      history.append(record)
+      timing = {"epoch": epoch, "time_s": time.perf_counter() - start,
+                "train_time_s": train_s, "resumed_at_batch": first}
+      if seeds.stacked:      # the seeds' shared time
+        timing["num_seeds"] = seeds.n
       if writer:
         lock.check_held()
-        evaluation.save_predictions(workdir, best_predictions)
+        with open(history_paths[k], "a") as f:
+          f.write(workdir_lib.json_line(record))
+        with open(timings_paths[k], "a") as f:
+          f.write(workdir_lib.json_line(timing))
+        if events[k] is not None:
+          events[k].add(record)
+      progress.epoch(record, seeds.seeds[k] if seeds.stacked else None)
     if method.has_epoch_hook:
-      # Outside jit, after the epoch's evaluation; what it changes is in the
-      # checkpoint below.
-      host_state, hook_record = hook(epoch, topology.host(state))
-      state = topology.put_state(host_state)
-      if hook_record:
-        record["method"] = hook_record
-    if jump is not None:
-      record["loss_jump"] = jump
-    record["steps"] = len(step_metrics) + first
-    record = workdir_lib.finite_or_none(record)
+      state = topology.put_state(seeds.stack(new_states))
     meta["epoch"] = epoch
-    history.append(record)
-    timing = {"epoch": epoch, "time_s": time.perf_counter() - start,
-              "train_time_s": train_s, "resumed_at_batch": first}
-    if writer:
-      lock.check_held()
-      with open(history_path, "a") as f:
-        f.write(workdir_lib.json_line(record))
-      with open(timings_path, "a") as f:
-        f.write(workdir_lib.json_line(timing))
-      if events is not None:
-        events.add(record)
-    progress.epoch(record)
     saved = (epoch % config.checkpoint_every_epochs == 0
              or epoch == config.num_epochs)
     if saved:
@@ -604,22 +734,48 @@ def _train_locked(config, workdir: pathlib.Path, topology,
                           "(a multiple of checkpoint_every_epochs).")
       return {"stopped_after_epoch": epoch, "workdir": str(workdir)}
   checkpoints.close()
-  if events is not None:
-    events.close()
+  for e in events:
+    if e is not None:
+      e.close()
   final_params = topology.host(state.params)
-  if writer and best_predictions is not None:
-    # A finished run's predictions.npz is the best epoch's, deleted or
-    # damaged since or not: rewritten from the checkpoint's copy if it
-    # differs.
-    evaluation.ensure_predictions(workdir, best_predictions)
+  reports = []
+  for k in range(seeds.n):
+    if writer and best_predictions[k] is not None:
+      # A finished run's predictions.npz is the best epoch's, deleted or
+      # damaged since or not: rewritten from the checkpoint's copy if it
+      # differs.
+      evaluation.ensure_predictions(seeds.dirs[k], best_predictions[k])
+    report = _report(config, configs[k], runs[k], method, warmup_epochs,
+                     initial_params[k], seeds.take(final_params, k), data,
+                     topology, seeds)
+    if writer:
+      lock.check_held()
+      _write_atomic(seeds.dirs[k] / "results.json",
+                    json.dumps(report, indent=1))
+      if config.plots:
+        from experiments import plots
+        plots.plot_run(runs[k]["history"], seeds.dirs[k],
+                       title=f"{config.data.source} / {config.method.name} / "
+                       f"seed {configs[k].seed}")
+    reports.append(report)
+  if not seeds.stacked:
+    return reports[0]
+  return {"method": config.method.name, "source": config.data.source,
+          "num_seeds": seeds.n, "seeds": reports, "workdir": str(workdir)}
 
-  best = next(h for h in history if h["epoch"] == meta["best_epoch"])
+
+def _report(config, seed_config, run: dict, method, warmup_epochs: int,
+            initial_params, final_params, data: Data, topology,
+            seeds: _SeedAxis) -> dict:
+  """One seed's results: test accuracy at its best validation epoch."""
+  history = run["history"]
+  best = next(h for h in history if h["epoch"] == run["best_epoch"])
   last = history[-1]
   report = {
       "method": config.method.name, "source": config.data.source,
-      "seed": config.seed, "epochs": config.num_epochs,
-      "best_epoch": meta["best_epoch"],
-      "best_epoch_in_warmup": meta["best_epoch"] <= warmup_epochs,
+      "seed": seed_config.seed, "epochs": config.num_epochs,
+      "best_epoch": run["best_epoch"],
+      "best_epoch_in_warmup": run["best_epoch"] <= warmup_epochs,
       "warmup_epochs": warmup_epochs,
       "modulation_window": method.modulation_window(),
       "val_accuracy_at_best": best["val_accuracy"],
@@ -632,7 +788,8 @@ def _train_locked(config, workdir: pathlib.Path, topology,
       "a_last": last["a"],
       "encoder_distance": encoder_distance(initial_params, final_params,
                                            data.modalities),
-      "parallel": topology.describe(),
+      "parallel": topology.describe() + (
+          f", {seeds.n} seeds in one program" if seeds.stacked else ""),
       **data.extra,
   }
   if "probe_accuracy" in best:
@@ -649,12 +806,4 @@ def _train_locked(config, workdir: pathlib.Path, topology,
           "test_accuracy_at_best_val": sel["fusion"][name]["test_accuracy"],
           "test_accuracy_last": last["fusion"][name]["test_accuracy"],
           "weights_at_best_val": sel["fusion"][name]["weights"]}
-  if not writer:
-    return report
-  lock.check_held()
-  _write_atomic(workdir / "results.json", json.dumps(report, indent=1))
-  if config.plots:
-    from experiments import plots
-    plots.plot_run(history, workdir, title=f"{config.data.source} / "
-                   f"{config.method.name} / seed {config.seed}")
   return report

@@ -14,6 +14,9 @@ METHODS = methods_lib.method_names()
 def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
+  # Seeds seed, seed + 1, ... trained together as one program (the step
+  # vmapped over a seed axis); each seed's outputs go to workdir/seed<s>/.
+  c.num_seeds = 1
   c.data = ml_collections.ConfigDict()
   # synthetic | imbalanced | uci | av_digits | crema_d | kinetics_sounds | ave
   c.data.source = "synthetic"
