@@ -35,10 +35,12 @@ from benchmarks.step import _machine
 from benchmarks.step import _optimizer
 from benchmarks.step import _versions
 from benchmarks.step import measure
+from experiments import distributed
 
 
-def seeds_step(kind: str, batch: int, num_seeds: int):
-  """(compile seconds, run) of ``num_seeds`` seeds' ARL step as one program."""
+def seeds_step(kind: str, batch: int, num_seeds: int, program: str = "vmap"):
+  """(compile seconds, run) of ``num_seeds`` seeds' ARL step as one program
+  (``program``: ``"vmap"`` or ``"map"``, as ``config.seed_program``)."""
   x, y, classes = _jax_inputs(kind, batch)
   model = _jax_model(kind, classes, jnp.float32)
   names = tuple(x)
@@ -59,7 +61,8 @@ def seeds_step(kind: str, batch: int, num_seeds: int):
     fn, state, data = step, states[0], batches[0]
   else:
     stack = lambda trees: jax.tree.map(lambda *v: jnp.stack(v), *trees)
-    fn, state, data = jax.vmap(step), stack(states), stack(batches)
+    fn, state, data = (distributed.over_seeds(step, program), stack(states),
+                       stack(batches))
   del states, batches
   start = time.perf_counter()
   compiled = jax.jit(fn, donate_argnums=0).lower(state, data).compile()
@@ -78,6 +81,7 @@ def main(argv=None):
   parser.add_argument("--preset", choices=("cpu", "gpu"), default="cpu")
   parser.add_argument("--seeds", type=int, nargs="+", default=[1, 5, 16])
   parser.add_argument("--models", nargs="+", default=["mlp", "resnet"])
+  parser.add_argument("--programs", nargs="+", default=["vmap", "map"])
   parser.add_argument("--steps", type=int, default=None)
   parser.add_argument("--warmup", type=int, default=2)
   parser.add_argument("--out", default=None)
@@ -88,21 +92,25 @@ def main(argv=None):
   for kind in args.models:
     steps = args.steps or (30 if kind == "mlp" else 3)
     impls, compile_s = {}, {}
-    for n in args.seeds:
-      compile_s[n], impls[n] = seeds_step(kind, batches[kind], n)
-      print(f"{kind}: {n} seeds compiled in {compile_s[n]:.1f} s",
+    keys = [(n, p) for n in args.seeds
+            for p in (["-"] if n == 1 else args.programs)]
+    for n, p in keys:
+      compile_s[n, p], impls[n, p] = seeds_step(kind, batches[kind], n,
+                                                p if n > 1 else "vmap")
+      print(f"{kind}: {n} seeds ({p}) compiled in {compile_s[n, p]:.1f} s",
             file=sys.stderr, flush=True)
     timed = measure(impls, steps, args.warmup)
     base = None
-    for n in args.seeds:
-      t = timed[n]["median_s"]
+    for n, p in keys:
+      t = timed[n, p]["median_s"]
       sps = n * batches[kind] / t
       base = sps if base is None else base
       rows.append({"model": kind, "batch_per_seed": batches[kind],
-                   "seeds": n, "median_step_s": t, "samples_per_s": sps,
-                   "vs_one_seed": sps / base, "compile_s": compile_s[n],
-                   "peak_rss_bytes": timed[n]["peak_rss_bytes"]})
-      print(f"{kind} x{n}: {sps:,.0f} samples/s ({sps / base:.2f}x)",
+                   "seeds": n, "program": p, "median_step_s": t,
+                   "samples_per_s": sps, "vs_one_seed": sps / base,
+                   "compile_s": compile_s[n, p],
+                   "peak_rss_bytes": timed[n, p]["peak_rss_bytes"]})
+      print(f"{kind} x{n} {p}: {sps:,.0f} samples/s ({sps / base:.2f}x)",
             file=sys.stderr, flush=True)
   device = jax.devices()[0]
   report = {
@@ -129,14 +137,16 @@ def markdown(report) -> str:
       "- versions: " + ", ".join(f"{k} {v}" for k, v in
                                  report["versions"].items() if v), "",
       "The ARL step of S seeds as one program (`jax.vmap` over the seed "
-      "axis, each seed its own initialisation, key and rows), against the "
+      "axis, `vmap`, or one seed after the other inside the program, "
+      "`map`; each seed its own initialisation, key and rows), against the "
       "plain one-seed step; samples/s counts every seed's rows.", "",
-      "| model | batch per seed | seeds | samples/s | vs 1 seed | median "
-      "step (ms) | compile (s) | peak RSS (MiB) |",
-      "|---|---|---|---|---|---|---|---|"]
+      "| model | batch per seed | seeds | program | samples/s | vs 1 seed | "
+      "median step (ms) | compile (s) | peak RSS (MiB) |",
+      "|---|---|---|---|---|---|---|---|---|"]
   for r in report["rows"]:
     lines.append(
         f"| {r['model']} | {r['batch_per_seed']} | {r['seeds']} | "
+        f"{r['program']} | "
         f"{r['samples_per_s']:,.0f} | {r['vs_one_seed']:.2f}x | "
         f"{r['median_step_s'] * 1e3:.1f} | {r['compile_s']:.1f} | "
         f"{r['peak_rss_bytes'] / 2**20:,.0f} |")

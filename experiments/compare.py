@@ -278,6 +278,11 @@ def _config(suite: str, problem: str, overrides: dict, seed: int,
   c.plots = False
   c.progress = "none"
   c.checkpoint_every_epochs = c.num_epochs
+  # A row's seeds run as one program (run_all): batched into every dense
+  # layer, one after the other where there are convolutions (vmap makes
+  # them grouped convolutions, several times slower on a CPU:
+  # benchmarks/results/seeds_cpu.md).
+  c.seed_program = "map" if c.model.encoder == "cnn" else "vmap"
   if c.data.source == "av_digits":
     c.data.prepared_dir = str(pathlib.Path(workroot) / "data")
   return c

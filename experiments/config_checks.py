@@ -118,6 +118,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
                       f"{config.model.dtype!r}.")
   method = make_method(config)   # method-specific checks (T > 0, ...)
   _check_method_values(config, method)
+  if config.seed_program not in distributed.SEED_PROGRAMS:
+    raise ConfigError(f"config.seed_program must be one of "
+                      f"{list(distributed.SEED_PROGRAMS)}; got "
+                      f"{config.seed_program!r}.")
   if config.num_seeds > 1 and (config.parallel.mode != "jit"
                                or jax.process_count() > 1):
     raise ConfigError(

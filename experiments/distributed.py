@@ -232,13 +232,18 @@ class Topology:
   # seed's parameters: small models, and no communication between seeds);
   # the batch [seeds, rows, ...] sharded along its rows, as one seed's.
 
-  def seeds_train_step(self, train_step: Callable) -> Callable:
-    """``jax.vmap`` of a step (``axis_name=None``) over the seed axis."""
+  def seeds_train_step(self, train_step: Callable, program: str = "vmap"
+                       ) -> Callable:
+    """A step (``axis_name=None``) over the seed axis, as one program:
+    ``"vmap"`` batches the seeds into every operation; ``"map"`` runs them
+    one after the other inside the program (``lax.map``: the plain step's
+    operations, e.g. convolutions, which vmap turns into grouped ones)."""
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
     replicated = NamedSharding(self.mesh, P())
     rows = NamedSharding(self.mesh, P(None, parallel.DATA_AXIS))
-    return jax.jit(jax.vmap(train_step), in_shardings=(replicated, rows),
+    return jax.jit(over_seeds(train_step, program),
+                   in_shardings=(replicated, rows),
                    out_shardings=(replicated, replicated), donate_argnums=0)
 
   def put_seed_batch(self, local_batch: Any) -> Any:
@@ -249,15 +254,21 @@ class Topology:
         lambda x: jax.make_array_from_process_local_data(rows, np.asarray(x)),
         local_batch)
 
-  def seeds_eval_step(self, eval_step: Callable) -> Callable:
+  def seeds_eval_step(self, eval_step: Callable, program: str = "vmap"
+                      ) -> Callable:
     """Every seed's evaluation of one batch (the same rows for all):
     ``run(state, local_batch) -> host dict`` with a leading seed axis."""
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
     replicated = NamedSharding(self.mesh, P())
     sharded = NamedSharding(self.mesh, P(parallel.DATA_AXIS))
-    jstep = jax.jit(jax.vmap(lambda st, b: eval_step(st, b), in_axes=(0, None)),
-                    in_shardings=(replicated, sharded))
+
+    def every_seed(state, batch):
+      one = lambda st: eval_step(st, batch)
+      if program == "vmap":
+        return jax.vmap(one)(state)
+      return jax.lax.map(one, state)
+    jstep = jax.jit(every_seed, in_shardings=(replicated, sharded))
 
     def run(state, local_batch):
       out = jstep(state, self.put_batch(local_batch))
@@ -271,6 +282,21 @@ class Topology:
       return np.asarray(x)
     from jax.experimental import multihost_utils
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+SEED_PROGRAMS = ("vmap", "map")
+
+
+def over_seeds(step: Callable, program: str = "vmap") -> Callable:
+  """``step(state, batch)`` over a leading seed axis of both, as one
+  program: ``"vmap"`` (batched) or ``"map"`` (sequential, ``lax.map``)."""
+  if program == "vmap":
+    return jax.vmap(step)
+  if program == "map":
+    return lambda state, batch: jax.lax.map(lambda a: step(*a),
+                                            (state, batch))
+  raise ValueError(f"program must be one of {list(SEED_PROGRAMS)}; got "
+                   f"{program!r}.")
 
 
 def make_topology(mode: str, devices: int) -> Topology:

@@ -516,8 +516,9 @@ def _train_locked(config, workdir: pathlib.Path, topology,
   local = (lambda b: b) if data.sharded_by_process else topology.local_part
   if seeds.stacked:
     # One program for every seed: the step vmapped over the seed axis.
-    train_step = topology.seeds_train_step(make_step(None))
-    run_eval = topology.seeds_eval_step(make_eval(None))
+    train_step = topology.seeds_train_step(make_step(None),
+                                           config.seed_program)
+    run_eval = topology.seeds_eval_step(make_eval(None), config.seed_program)
     put_batch = topology.put_seed_batch
   else:
     train_step = topology.train_step(make_step)

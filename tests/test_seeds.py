@@ -97,6 +97,12 @@ def check_method(method, k, tmp_path):
   _equal_to_one_seed_runs(tmp_path, overrides)
 
 
+@pytest.mark.parametrize("method", ["arl", "pmr"])
+def test_the_sequential_program_equals_one_seed_runs(method, tmp_path):
+  _equal_to_one_seed_runs(tmp_path, {**SMALL, "method.name": method,
+                                     "seed_program": "map"})
+
+
 def test_fusion_weighting_and_probes_per_seed(tmp_path):
   overrides = {**SMALL, "method.name": "arl", "data.heldout_fraction": 0.2,
                "diagnostics.linear_probe": True}
@@ -180,6 +186,9 @@ def test_num_seeds_is_checked(tmp_path):
   with pytest.raises(train.ConfigError, match="num_seeds"):
     train.train_and_evaluate(tiny_synthetic(**{
         **SMALL, "num_seeds": 0}), tmp_path / "a")
+  with pytest.raises(train.ConfigError, match="seed_program"):
+    train.train_and_evaluate(tiny_synthetic(**{
+        **SMALL, "num_seeds": 2, "seed_program": "loop"}), tmp_path / "c")
   with pytest.raises(train.ConfigError, match="parallel.mode='jit'"):
     train.train_and_evaluate(tiny_synthetic(**{
         **SMALL, "num_seeds": 2, "parallel.mode": "pmap"}), tmp_path / "b")
