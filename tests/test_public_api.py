@@ -102,9 +102,14 @@ def test_register_method_replaces_a_rerun_definition_and_refuses_clashes():
     base._REGISTRY.pop("mine_for_test", None)
 
 
-def test_a_custom_rule_from_statistics_as_documented():
-  # The example of arl_jax.coefficients' docstring, run as written.
+def test_a_custom_rule_from_statistics_as_documented(monkeypatch):
+  # The example of arl_jax.coefficients' docstring, run as written (the
+  # method it registers leaves the registry with the test).
   import jax.numpy as jnp
+
+  from arl_jax._src import method_protocol
+  monkeypatch.setattr(method_protocol, "_REGISTRY",
+                      dict(method_protocol._REGISTRY))
   doc = inspect.getdoc(arl_jax.coefficients)
   lines = []
   for line in doc.split("::\n", 1)[1].splitlines():
