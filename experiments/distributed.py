@@ -250,6 +250,8 @@ class Topology:
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
     rows = NamedSharding(self.mesh, P(None, parallel.DATA_AXIS))
+    if self.process_count == 1:      # the whole batch is here: one copy
+      return jax.device_put(local_batch, rows)
     return jax.tree.map(
         lambda x: jax.make_array_from_process_local_data(rows, np.asarray(x)),
         local_batch)

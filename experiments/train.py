@@ -357,11 +357,16 @@ def _loss_jump(history: list[dict], loss: float, factor: float = 10.0,
   return float(ratio) if ratio >= factor and loss >= floor else None
 
 
+@jax.jit
+def _stack_steps(step_metrics: list) -> Any:
+  return jax.tree.map(lambda *xs: jnp.stack(xs), *step_metrics)
+
+
 def _host_metrics(step_metrics: list, to_host) -> dict:
-  # Stacked on the device first: one transfer per metric, not per step; then
-  # plain dicts ({modality: [steps]}), which the checkpoint and the log keep.
-  return modality_values.as_dicts(
-      to_host(jax.tree.map(lambda *xs: jnp.stack(xs), *step_metrics)))
+  # Stacked on the device in one dispatch (one stack per metric cost a
+  # dispatch each), then one transfer per metric, not per step; then plain
+  # dicts ({modality: [steps]}), which the checkpoint and the log keep.
+  return modality_values.as_dicts(to_host(_stack_steps(step_metrics)))
 
 
 def _mean(partial, stacked) -> dict:

@@ -305,9 +305,17 @@ def fit_weightings(heldout: FusionLogits, kinds=WEIGHTINGS
 def weighted_accuracy(logits: FusionLogits,
                       weights: Mapping[str, Array | float]) -> float:
   """Accuracy of :func:`weighted_fusion_logits` on ``logits``' rows."""
-  z = weighted_fusion_logits(logits.fused, logits.unimodal, weights)
-  return float(np.mean(np.asarray(jnp.argmax(z, -1)) ==
-                       np.asarray(logits.labels)))
+  names = _validation.modality_names(logits.unimodal, "unimodal logits")
+  _validation.check_same_modalities(names, weights, "fusion weights")
+  predicted = _weighted_argmax(
+      logits.fused, {m: logits.unimodal[m] for m in names},
+      {m: jnp.asarray(weights[m], jnp.float32) for m in names})
+  return float(np.mean(np.asarray(predicted) == np.asarray(logits.labels)))
+
+
+@jax.jit
+def _weighted_argmax(fused, unimodal, weights):
+  return jnp.argmax(weighted_fusion_logits(fused, unimodal, weights), -1)
 
 
 def select_fusion_weighting(heldout: FusionLogits, validation: FusionLogits,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 from collections.abc import Mapping
 from typing import Any
@@ -81,12 +82,37 @@ class MultimodalClassifier(nn.Module):
     return fused, unimodal
 
 
+# One compiled initialiser per model object (several seeds: one
+# compilation), by identity (Linen modules holding dicts are not hashable);
+# an entry goes with its model.
+_INITS: dict[int, tuple[Any, Callable]] = {}
+
+
+def _jitted_init(model: nn.Module):
+  entry = _INITS.get(id(model))
+  if entry is None or entry[0]() is not model:
+    key, cache = id(model), _INITS
+
+    def forget(_):
+      cache.pop(key, None)
+
+    ref = weakref.ref(model, forget)
+    # The compiled function holds the model weakly: the cache never keeps
+    # a model alive.
+    init = jax.jit(lambda r, x: ref().init(r, x, train=False))
+    _INITS[key] = entry = (ref, init)
+  return entry[1]
+
+
 def init_model(model: nn.Module, rng: jax.Array,
                inputs: Mapping[str, Any]) -> tuple[Any, Any]:
   """Initialises ``model`` on example ``inputs``; returns (params, model_state)."""
   # Jitted: initialising a ResNet18 op by op takes tens of seconds on a CPU.
-  variables = jax.jit(lambda r, x: model.init(r, x, train=False))(rng, inputs)
-  variables = dict(variables)
+  try:
+    init = _jitted_init(model)
+  except TypeError:           # no weak reference to this object
+    init = jax.jit(lambda r, x: model.init(r, x, train=False))
+  variables = dict(init(rng, inputs))
   params = variables.pop("params")
   return params, variables
 
