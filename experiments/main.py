@@ -121,8 +121,9 @@ def main(argv):
              "the traceback)")
   import jax
   if jax.process_index() == 0:
-    print("results:", {k: v for k, v in report.items()
-                       if not isinstance(v, dict)}, flush=True)
+    for one in report.get("seeds", [report]):
+      print("results:", {k: v for k, v in one.items()
+                         if not isinstance(v, (dict, list))}, flush=True)
 
 
 if __name__ == "__main__":
