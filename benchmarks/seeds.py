@@ -119,7 +119,9 @@ def main(argv=None):
           f" {' '.join(argv)}" if argv else " " + " ".join(sys.argv[1:])
       ).rstrip(),
       "machine": _machine(), "versions": _versions(),
-      "device": f"{device.platform} ({device.device_kind})", "rows": rows}
+      "device": (device.platform if device.device_kind == device.platform
+                 else f"{device.platform} ({device.device_kind})"),
+      "rows": rows}
   out = args.out or f"seeds_{args.preset}"
   RESULTS.mkdir(exist_ok=True)
   (RESULTS / f"{out}.json").write_text(json.dumps(report, indent=1))

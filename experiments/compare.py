@@ -278,11 +278,6 @@ def _config(suite: str, problem: str, overrides: dict, seed: int,
   c.plots = False
   c.progress = "none"
   c.checkpoint_every_epochs = c.num_epochs
-  # A row's seeds run as one program (run_all): batched into every dense
-  # layer, one after the other where there are convolutions (vmap makes
-  # them grouped convolutions, several times slower on a CPU:
-  # benchmarks/results/seeds_cpu.md).
-  c.seed_program = "map" if c.model.encoder == "cnn" else "vmap"
   if c.data.source == "av_digits":
     c.data.prepared_dir = str(pathlib.Path(workroot) / "data")
   return c
@@ -311,9 +306,18 @@ def _run_one(task):
     return ((problem, row), {s: json.loads(p.read_text())
                              for s, p in zip(seeds, done)}, None)
   c = _config(suite, problem, overrides, seeds[0], workroot)
-  c.num_seeds = len(seeds)
-  report = train.train_and_evaluate(c, workdir)
-  reports = report["seeds"] if len(seeds) > 1 else [report]
+  if c.model.encoder == "cnn":
+    # Convolutions: one program per seed, the same layout (vmap makes them
+    # grouped convolutions and lax.map loses XLA's fast CPU convolution:
+    # both several times slower, benchmarks/results/seeds_cpu.md).
+    reports = []
+    for s in seeds:
+      c.seed = s
+      reports.append(train.train_and_evaluate(c, workdir / f"seed{s}"))
+  else:
+    c.num_seeds = len(seeds)
+    report = train.train_and_evaluate(c, workdir)
+    reports = report["seeds"] if len(seeds) > 1 else [report]
   return ((problem, row), dict(zip(seeds, reports)),
           time.perf_counter() - start)
 
@@ -321,7 +325,8 @@ def _run_one(task):
 def run_all(suite: str, seeds, workroot: pathlib.Path, only=None,
             workers: int = 1, variants: bool = False):
   """Every row of the suite, all seeds of a row in one program (the step
-  vmapped over the seeds: ``config.num_seeds``)."""
+  vmapped over the seeds: ``config.num_seeds``; rows with convolutional
+  encoders seed by seed)."""
   seeds = list(seeds)
   if seeds != list(range(seeds[0], seeds[0] + len(seeds))):
     raise ValueError(f"the seeds of a row are consecutive; got {seeds}.")

@@ -193,3 +193,32 @@ def test_num_seeds_is_checked(tmp_path):
     train.train_and_evaluate(tiny_synthetic(**{
         **SMALL, "num_seeds": 2, "parallel.mode": "pmap"}), tmp_path / "b")
   assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_the_comparison_runs_a_rows_seeds_as_one_program(tmp_path,
+                                                         monkeypatch):
+  from experiments import compare
+  calls = []
+
+  def fake(config, workdir):
+    calls.append((config.seed, config.num_seeds, config.model.encoder,
+                  pathlib.Path(workdir).relative_to(tmp_path).as_posix()))
+    one = {"seed": config.seed, "test_accuracy_at_best_val": 0.5}
+    if config.num_seeds > 1:
+      return {"seeds": [dict(one, seed=config.seed + k)
+                        for k in range(config.num_seeds)]}
+    return one
+
+  monkeypatch.setattr(train, "train_and_evaluate", fake)
+  rows = compare.runs("imbalance", True)
+  dense = ("imbalance", "control", "concat", rows["control"]["concat"],
+           [0, 1, 2], str(tmp_path))
+  (key, reports, _) = compare._run_one(dense)
+  assert calls == [(0, 3, "mlp", "control/concat")]
+  assert sorted(reports) == [0, 1, 2]
+  calls.clear()
+  cnn = ("imbalance", "av_digits_cnn", "concat",
+         rows["av_digits_cnn"]["concat"], [0, 1], str(tmp_path))
+  compare._run_one(cnn)
+  assert calls == [(0, 1, "cnn", "av_digits_cnn/concat/seed0"),
+                   (1, 1, "cnn", "av_digits_cnn/concat/seed1")]

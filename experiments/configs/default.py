@@ -17,9 +17,10 @@ def get_config() -> ml_collections.ConfigDict:
   # Seeds seed, seed + 1, ... trained together as one program (the step
   # vmapped over a seed axis); each seed's outputs go to workdir/seed<s>/.
   c.num_seeds = 1
-  # How: "vmap" batches the seeds into every operation (dense layers: faster
-  # than one seed at a time); "map" runs them one after the other inside
-  # the program (convolutions: vmap makes them grouped, slow on a CPU).
+  # How: "vmap" batches the seeds into every operation (dense layers: 1.9x
+  # the samples/s of one seed at 5 seeds on a CPU); "map" runs them one
+  # after the other inside the program. For convolutional encoders on a
+  # CPU both are slower than separate runs (benchmarks/results/seeds_cpu.md).
   c.seed_program = "vmap"
   c.data = ml_collections.ConfigDict()
   # synthetic | imbalanced | uci | av_digits | crema_d | kinetics_sounds | ave
