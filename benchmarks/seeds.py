@@ -20,7 +20,6 @@ import argparse
 import datetime
 import json
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -35,6 +34,7 @@ from benchmarks.step import _machine
 from benchmarks.step import _optimizer
 from benchmarks.step import _versions
 from benchmarks.step import measure
+from benchmarks.step import prepare_jax
 from experiments import distributed
 
 
@@ -64,16 +64,7 @@ def seeds_step(kind: str, batch: int, num_seeds: int, program: str = "vmap"):
     fn, state, data = (distributed.over_seeds(step, program), stack(states),
                        stack(batches))
   del states, batches
-  start = time.perf_counter()
-  compiled = jax.jit(fn, donate_argnums=0).lower(state, data).compile()
-  compile_s = time.perf_counter() - start
-  holder = {"state": state}
-
-  def run():
-    holder["state"], metrics = compiled(holder["state"], data)
-    jax.block_until_ready(metrics["loss"])
-
-  return compile_s, run
+  return prepare_jax(fn, state, data)
 
 
 def main(argv=None):

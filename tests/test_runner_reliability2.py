@@ -15,6 +15,7 @@ import time
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+import test_runner_reliability
 from test_runner_reliability import _flip_16_bytes
 from test_runner_reliability import _unreadable_but_recorded
 from test_runner_reliability import assert_same_run
@@ -26,20 +27,10 @@ from experiments import train
 from experiments import workdir as workdir_lib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-  workdir = tmp_path_factory.mktemp("reference") / "run"
-  train.train_and_evaluate(config(), workdir)
-  return workdir
-
-
-@pytest.fixture(scope="module")
-def stopped(tmp_path_factory):
-  workdir = tmp_path_factory.mktemp("stopped") / "run"
-  train.train_and_evaluate(config(stop_after_epoch=2), workdir)
-  return workdir
+# The uninterrupted run and the run stopped after epoch 2 (checkpoints 16,
+# 32): the fixtures of test_runner_reliability.py, built again here.
+reference = test_runner_reliability.reference
+stopped = test_runner_reliability.stopped
 
 
 def _copy(src, tmp_path):
