@@ -275,7 +275,8 @@ def _config(suite: str, problem: str, overrides: dict, seed: int,
   from experiments import configs
   c = configs.override(base.copy_and_resolve_references(), overrides)
   c.seed = seed
-  c.plots = False
+  c.plots = False          # the comparison draws its own figures
+  c.tensorboard = False    # and writes its own tables (metrics.jsonl stays)
   c.progress = "none"
   c.checkpoint_every_epochs = c.num_epochs
   if c.data.source == "av_digits":
@@ -335,13 +336,16 @@ def run_all(suite: str, seeds, workroot: pathlib.Path, only=None,
            if not only or problem in only
            for row, overrides in rows.items()]
   results, reused = {}, 0
+  # The longest rows first (G-Blending trains K + 1 model copies besides
+  # its run), so that no worker is left with one at the end.
+  order = sorted(tasks, key=lambda t: t[3].get("method.name") != "g_blending")
   # Small models: one XLA thread per worker process, one process per core.
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                              " --xla_cpu_multi_thread_eigen=false"
                              " intra_op_parallelism_threads=1").strip()
   ctx = multiprocessing.get_context("spawn")
   with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
-    for (problem, row), reports, took in pool.map(_run_one, tasks):
+    for (problem, row), reports, took in pool.map(_run_one, order):
       results.setdefault(problem, {})[row] = reports
       reused += len(seeds) if took is None else 0
       accs = " ".join(f"{reports[s]['test_accuracy_at_best_val']:.4f}"
@@ -349,9 +353,12 @@ def run_all(suite: str, seeds, workroot: pathlib.Path, only=None,
       print(f"{problem:34s} {row:44s} seeds {seeds[0]}-{seeds[-1]}: test acc "
             f"{accs} ({'read back' if took is None else f'{took:.1f} s'})",
             flush=True)
-  results = {p: {r: [by_seed[s] for s in sorted(by_seed)]
-                 for r, by_seed in rows.items()}
-             for p, rows in results.items()}
+  done = results
+  results = {}
+  for _, problem, row, *_ in tasks:        # the suite's order
+    by_seed = done[problem][row]
+    results.setdefault(problem, {})[row] = [by_seed[s] for s in
+                                            sorted(by_seed)]
   return results, reused, len(tasks) * len(seeds)
 
 

@@ -232,6 +232,7 @@ def _check_values(config) -> None:
   _check(config.progress in PROGRESS, "progress", f"one of {list(PROGRESS)}",
          config.progress)
   boolean("plots", config.plots)
+  boolean("tensorboard", config.tensorboard)
   o = config.optim
   positive("optim.learning_rate", o.learning_rate)
   _check(_is_number(o.momentum) and 0 <= o.momentum < 1, "optim.momentum",

@@ -104,21 +104,46 @@ def epoch_record(epoch, train, val, test, lr, modalities) -> dict:
   }
 
 
-def weighted_evaluation(held: fusion_weighting.FusionLogits, val: dict,
-                        test: dict) -> dict:
-  """Validation/test accuracy with fusion weights fitted on the held-out
-  rows' logits ``held`` (:mod:`arl_jax.fusion_weighting`: the library's
-  held-out procedure).
+@jax.jit
+def _fit_and_predict(held: fusion_weighting.FusionLogits,
+                     val: fusion_weighting.FusionLogits,
+                     test: fusion_weighting.FusionLogits) -> dict:
+  """Every seed's weightings fitted on ``held`` and their predictions on
+  ``val`` and ``test`` (every argument stacked over seeds): one program."""
+  def one(h, v, t):
+    out = {}
+    for kind in fusion_weighting.WEIGHTINGS:
+      w = fusion_weighting.fusion_weights(kind, h.fused, h.unimodal, h.labels)
+      predict = lambda z, w=w: jax.numpy.argmax(
+          fusion_weighting.weighted_fusion_logits(z.fused, z.unimodal, w), -1)
+      out[kind] = (w, predict(v), predict(t))
+    return out
+  return jax.vmap(one)(held, val, test)
 
-  ``val`` and ``test`` are this epoch's evaluations with their logits; the
-  weighted fused prediction is recomputed from them, not from the model.
-  """
-  out = {}
-  for name, weights in fusion_weighting.fit_weightings(held).items():
-    acc = {split: fusion_weighting.weighted_accuracy(_logits(r), weights)
-           for split, r in (("val", val), ("test", test))}
-    out[name] = {"weights": weights, "val_accuracy": acc["val"],
-                 "test_accuracy": acc["test"]}
+
+def weighted_evaluations(helds: list, vals: list, tests: list) -> list[dict]:
+  """Per seed, validation/test accuracy with each fusion weighting fitted
+  on that seed's held-out logits (:mod:`arl_jax.fusion_weighting`: the
+  library's held-out procedure; never the test split).
+
+  ``helds[k]`` is seed ``k``'s held-out :class:`FusionLogits`, ``vals[k]``
+  and ``tests[k]`` its evaluations with their logits (the weighted fused
+  prediction is recomputed from them, not from the model). The seeds share
+  their rows, so every seed is fitted and scored in one jitted program;
+  accuracies are counted on the host (float64). Returns one ``{kind:
+  {"weights", "val_accuracy", "test_accuracy"}}`` per seed."""
+  stack = lambda rs: jax.tree.map(lambda *xs: np.stack(xs), *rs)
+  fitted = jax.device_get(_fit_and_predict(
+      stack(helds), stack([_logits(r) for r in vals]),
+      stack([_logits(r) for r in tests])))
+  out = []
+  for k, (val, test) in enumerate(zip(vals, tests)):
+    seed = {}
+    for kind, (w, pv, pt) in fitted.items():
+      seed[kind] = {"weights": {m: float(x[k]) for m, x in w.items()},
+                    "val_accuracy": float(np.mean(pv[k] == val["labels"])),
+                    "test_accuracy": float(np.mean(pt[k] == test["labels"]))}
+    out.append(seed)
   return out
 
 

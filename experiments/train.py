@@ -115,12 +115,24 @@ def make_optimizer(config, data: Data):
 _write_atomic = workdir_lib.write_atomic
 
 
+# Presentation-only fields: they may change between a run and its
+# resumption.
+_PRESENTATION = ("progress", "plots", "tensorboard", "stop_after_epoch")
+
+
 def _config_json(config) -> str:
   c = ml_collections.ConfigDict(config.to_dict())
-  # Presentation-only fields may change between a run and its resumption.
-  for key in ("progress", "plots", "stop_after_epoch"):
+  for key in _PRESENTATION:
     c[key] = None
   return c.to_json(sort_keys=True)
+
+
+def _same_run(recorded: dict, config) -> bool:
+  """Whether a workdir's config.json records ``config``'s run (presentation
+  fields aside, also those an older version did not write)."""
+  current = json.loads(_config_json(config))
+  drop = lambda d: {k: v for k, v in d.items() if k not in _PRESENTATION}
+  return drop(recorded) == drop(current)
 
 
 def _check_workdir(config, workdir: pathlib.Path) -> None:
@@ -134,7 +146,7 @@ def _check_workdir(config, workdir: pathlib.Path) -> None:
           f"{saved} is not JSON ({type(e).__name__}): this workdir's record "
           "is damaged, so it cannot be resumed safely; use another --workdir "
           "(nothing was changed).") from None
-    if recorded != json.loads(_config_json(config)):
+    if not _same_run(recorded, config):
       raise ConfigError(
           f"{workdir} holds a run with a different config ({saved}); use "
           "another --workdir (nothing was changed).")
@@ -490,15 +502,26 @@ def _train_locked(config, workdir: pathlib.Path, topology,
                          for split in ("train", "validation")},
         train_preprocess=d.train_preprocess,
         eval_preprocess=d.eval_preprocess)
-    if method.has_epoch_hook:
-      # "Epoch 0": before training (PMR's first prototypes, G-Blending's
-      # first weights). Also when resuming: the checkpoint's state (which
-      # replaces this one) is restored into this structure (G-Blending then
-      # repeats its first estimation, deterministically, for nothing).
-      state, _ = hook(0, state)
     states.append(jax.device_get(state) if seeds.stacked else state)
     hooks.append(hook)
-  state = topology.put_state(seeds.stack(states))
+  seed_hooks = arl_jax.epoch_hooks.SeedEpochHooks(hooks)
+
+  def run_hook(epoch: int, st) -> tuple[Any, list[dict]]:
+    """The epoch hook of every seed (G-Blending's copies of all seeds in
+    one program); one record per seed."""
+    if seeds.stacked:
+      return seed_hooks(epoch, st)
+    st, record = hooks[0](epoch, st)
+    return st, [record]
+
+  state = seeds.stack(states)
+  if method.has_epoch_hook:
+    # "Epoch 0": before training (PMR's first prototypes, G-Blending's
+    # first weights). Also when resuming: the checkpoint's state (which
+    # replaces this one) is restored into this structure (G-Blending then
+    # repeats its first estimation, deterministically, for nothing).
+    state, _ = run_hook(0, state)
+  state = topology.put_state(state)
   # A method with its official epoch window (OGM-GE, AGM, PMR) replaces the
   # shared warm-up by it.
   warmup_epochs = (0 if method.modulation_window() is not None
@@ -570,7 +593,8 @@ def _train_locked(config, workdir: pathlib.Path, topology,
       _write_atomic(timings_paths[k], "".join(
           workdir_lib.json_line(t)
           for t in _read_log(timings_paths[k], meta["epoch"])))
-      events[k] = _event_log(seeds.dirs[k], runs[k]["history"])
+      if config.tensorboard:
+        events[k] = _event_log(seeds.dirs[k], runs[k]["history"])
 
   steps = data.steps_per_epoch
   position = meta.pop("position") or {"epoch": meta["epoch"] + 1, "batch": 0}
@@ -658,7 +682,13 @@ def _train_locked(config, workdir: pathlib.Path, topology,
     host_state = None
     if features is not None or method.has_epoch_hook:
       host_state = topology.host(state)  # one transfer, read by both
-    new_states = []
+    hook_records = [{}] * seeds.n
+    fusions = (evaluation.weighted_evaluations(helds, vals, tests)
+               if weigh_fusion else None)
+    if method.has_epoch_hook:
+      # Outside jit, after the epoch's evaluation; what it changes is in
+      # the checkpoint below.
+      new_state, hook_records = run_hook(epoch, host_state)
     for k in range(seeds.n):
       run, history = runs[k], runs[k]["history"]
       train, val, test = trains[k], vals[k], tests[k]
@@ -681,7 +711,7 @@ def _train_locked(config, workdir: pathlib.Path, topology,
             functools.partial(features, seeds.take(host_state, k)),
             data.splits, data.num_classes, data.modalities)
       if weigh_fusion:
-        record["fusion"] = evaluation.weighted_evaluation(helds[k], val, test)
+        record["fusion"] = fusions[k]
         # The quantity ARL's estimators target, measured on the (large) test
         # split: a diagnostic of the estimators only, never used in training
         # or selection.
@@ -693,13 +723,8 @@ def _train_locked(config, workdir: pathlib.Path, topology,
         if writer:
           lock.check_held()
           evaluation.save_predictions(seeds.dirs[k], best_predictions[k])
-      if method.has_epoch_hook:
-        # Outside jit, after the epoch's evaluation; what it changes is in
-        # the checkpoint below.
-        one, hook_record = hooks[k](epoch, seeds.take(host_state, k))
-        new_states.append(one)
-        if hook_record:
-          record["method"] = hook_record
+      if hook_records[k]:
+        record["method"] = hook_records[k]
       if jump is not None:
         record["loss_jump"] = jump
       record["steps"] = len(step_metrics) + first
@@ -719,7 +744,7 @@ def _train_locked(config, workdir: pathlib.Path, topology,
           events[k].add(record)
       progress.epoch(record, seeds.seeds[k] if seeds.stacked else None)
     if method.has_epoch_hook:
-      state = topology.put_state(seeds.stack(new_states))
+      state = topology.put_state(new_state)
     meta["epoch"] = epoch
     saved = (epoch % config.checkpoint_every_epochs == 0
              or epoch == config.num_epochs)

@@ -1,5 +1,6 @@
 """Epoch hooks outside the runner: arl_jax.epoch_hooks.EpochHook in a plain
-loop (PMR, G-Blending, D&R), and G-Blending's weights vmapped over seeds."""
+loop (PMR, G-Blending, D&R), G-Blending's weights vmapped over seeds, and
+every seed's hook of a stacked state (SeedEpochHooks)."""
 
 import jax
 import jax.numpy as jnp
@@ -144,3 +145,77 @@ def test_blending_weights_vmap_over_seeds_equals_each_seed():
            for k, c in curves.items()}, ratio)
       for k in heads:
         assert float(got[k][s]) == pytest.approx(want[k], rel=1e-5)
+
+
+def _seed_hooks(method, seeds=(0, 1, 2)):
+  """Per-seed hooks (own initialisation, batch orders, optimiser noise key)
+  and their stacked state."""
+  x, y = _problem()
+  vx, vy = _problem(24, seed=1)
+  model = models.multiview_classifier({"audio": 5, "visual": 4}, 3,
+                                      encoder_widths=(8,))
+  apply_fn = models.make_apply_fn(model, with_features=method.needs_features)
+  hooks, states = [], []
+  for s in seeds:
+    params, model_state = models.init_model(model, jax.random.PRNGKey(s),
+                                            {m: v[:2] for m, v in x.items()})
+    tx = arl_jax.with_modality_scales(optax.sgd(0.1, momentum=0.9),
+                                      arl_jax.label_modalities(NAMES),
+                                      noise_seed=s)
+    states.append(jax.device_get(arl_jax.TrainState.create(
+        params=params, tx=tx, model_state=model_state,
+        rng=jax.random.PRNGKey(s + 1), method=method, modalities=NAMES)))
+    order = _batches(x, y)
+    hooks.append(EpochHook(
+        method, apply_fn=apply_fn, tx=tx, num_classes=3,
+        train_batches=lambda seed, o=order, s=s: o(seed * 7 + s),
+        validation_batches=lambda: _batches(vx, vy)(0), num_epochs=4,
+        seed=s))
+  stacked = jax.tree.map(lambda *xs: np.stack(xs), *states)
+  return hooks, states, stacked
+
+
+def test_g_blending_over_seeds_trains_every_copy_in_one_program():
+  method = arl_jax.GBlending(super_epoch=2)
+  hooks, states, stacked = _seed_hooks(method)
+  together = arl_jax.epoch_hooks.SeedEpochHooks(hooks)
+  assert together.fit_copy is not None       # one vmapped copy per head
+  new, records = together(0, stacked)
+  assert len(records) == len(hooks)
+  for k, (hook, state) in enumerate(zip(hooks, states)):
+    alone, want = hook(0, state)
+    got = records[k]
+    assert set(got["weights"]) == set(want["weights"])
+    for head in want["weights"]:
+      assert got["weights"][head] == pytest.approx(want["weights"][head],
+                                                   rel=1e-5)
+      np.testing.assert_allclose(got["curves"][head], want["curves"][head],
+                                 rtol=1e-5)
+      assert float(new.method_state["weights"][head][k]) == pytest.approx(
+          float(alone.method_state["weights"][head]), rel=1e-5)
+  # The seeds' copies differ (own initialisation and batch orders).
+  assert records[0]["curves"] != records[1]["curves"]
+  # Between estimations, and after the last epoch, nothing is estimated.
+  for epoch in (1, 4):
+    same, records = together(epoch, new)
+    assert records == [{}, {}, {}]
+  assert hooks[0](4, states[0])[1] == {}
+
+
+def test_a_per_seed_hook_runs_on_each_seeds_slice():
+  method = arl_jax.PMR(fraction=1.0, schedule="warmup")
+  hooks, states, stacked = _seed_hooks(method, seeds=(0, 1))
+  together = arl_jax.epoch_hooks.SeedEpochHooks(hooks)
+  assert together.fit_copy is None
+  new, records = together(0, stacked)
+  for k, (hook, state) in enumerate(zip(hooks, states)):
+    alone, record = hook(0, state)
+    assert records[k] == record
+    jax.tree.map(lambda a, b, k=k: np.testing.assert_array_equal(
+        np.asarray(a)[k], b), new.method_state, jax.device_get(
+            alone.method_state))
+  with pytest.raises(ValueError, match="one EpochHook per seed"):
+    arl_jax.epoch_hooks.SeedEpochHooks([])
+  with pytest.raises(ValueError, match="one optimiser per seed"):
+    arl_jax.epoch_hooks.make_fit_copy_over_seeds(
+        None, [optax.sgd(0.1)], [lambda s: [], lambda s: []], lambda: [])

@@ -104,3 +104,32 @@ def test_collect_logits_keeps_counted_rows_of_an_eval_step_in_order():
   assert set(lg.unimodal) == set(NAMES)
   with pytest.raises(ValueError, match="empty"):
     fw.collect_logits(step, state, [])
+
+
+def test_the_runner_fits_every_seed_in_one_program_as_the_library_does():
+  from experiments import evaluation
+  seeds = 3
+  helds = [_logits(120, 10 + s, strength=(2.0, 0.3 + 0.4 * s))
+           for s in range(seeds)]
+  splits = []
+  for split in (20, 30):
+    splits.append([{"fused_logits": lg.fused, "unimodal_logits": lg.unimodal,
+                    "labels": lg.labels}
+                   for lg in (_logits(150, split + s) for s in range(seeds))])
+  got = evaluation.weighted_evaluations(helds, *splits)
+  assert len(got) == seeds
+  for s in range(seeds):
+    want = fw.fit_weightings(helds[s])
+    assert set(got[s]) == set(want)
+    for kind, weights in want.items():
+      for m in NAMES:
+        assert got[s][kind]["weights"][m] == pytest.approx(weights[m],
+                                                           rel=1e-4)
+      for key, r in (("val_accuracy", splits[0][s]),
+                     ("test_accuracy", splits[1][s])):
+        lg = fw.FusionLogits(r["fused_logits"], r["unimodal_logits"],
+                             r["labels"])
+        assert got[s][kind][key] == pytest.approx(
+            _numpy_accuracy(lg, got[s][kind]["weights"]), abs=1 / 150 + 1e-9)
+  # The seeds' weights are their own.
+  assert got[0]["calibrated"]["weights"] != got[2]["calibrated"]["weights"]

@@ -297,6 +297,23 @@ def test_workdir_of_another_config_is_refused_and_kept(tmp_path):
   assert before == after
 
 
+def test_presentation_fields_never_stop_a_resume(tmp_path):
+  """TensorBoard off writes no events; a run continues with presentation
+  fields changed, also from a config.json written before a field existed."""
+  run = tmp_path / "run"
+  c = tiny_synthetic(epochs=2)
+  c.tensorboard, c.stop_after_epoch = False, 1
+  assert train.train_and_evaluate(c, run)["stopped_after_epoch"] == 1
+  assert not (run / "tensorboard").exists()
+  saved = json.loads((run / "config.json").read_text())
+  del saved["tensorboard"]          # as an older version wrote it
+  (run / "config.json").write_text(json.dumps(saved))
+  c.tensorboard, c.stop_after_epoch, c.progress = True, 0, "lines"
+  report = train.train_and_evaluate(c, run)
+  assert report["epochs"] == 2
+  assert (run / "tensorboard").exists()
+
+
 # ------------------------------------------------ imbalance diagnostics --
 
 def tiny_imbalance(**overrides):

@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from collections.abc import Iterable
 from collections.abc import Mapping
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -32,6 +33,46 @@ Batches = Callable[[], Iterable[Mapping[str, Any]]]
 COPY_SEED_OFFSET = 100_000
 
 
+def _copy_steps(apply_fn, tx, train_preprocess, eval_preprocess):
+  """The (unjitted) train and eval steps of a copy, ``(state, batch, keep)``
+  with ``keep`` ``{modality: bool}`` (traced: one program serves every
+  head): plain cross-entropy of the fused logits, every input not kept
+  zeroed before its encoder."""
+  def zeroed(keep):
+    def apply(params, model_state, inputs, *, train, rng):
+      x = {m: jnp.where(keep[m], v, jnp.zeros_like(v))
+           for m, v in inputs.items()}
+      return apply_fn(params, model_state, x, train=train, rng=rng)
+    return apply
+
+  def train_step(state, batch, keep):
+    return make_train_step(zeroed(keep), tx, Method(), check_tx=False,
+                           preprocess=train_preprocess)(state, batch)
+
+  def eval_step(state, batch, keep):
+    return make_eval_step(zeroed(keep), preprocess=eval_preprocess)(state,
+                                                                    batch)
+  return train_step, eval_step
+
+
+def _keep_mask(keep, inputs) -> dict:
+  return {m: np.bool_(m in keep) for m in inputs}
+
+
+def _mean_cross_entropy(out) -> float:
+  """Mean CE of an evaluation's fused logits over its counted rows
+  (float64, on the host)."""
+  valid = np.asarray(out["valid"])
+  z = np.asarray(out["fused_logits"], np.float64)[valid]
+  y = np.asarray(out["labels"])[valid]
+  logp = z - np.logaddexp.reduce(z, axis=-1, keepdims=True)
+  return float(-np.mean(logp[np.arange(len(y)), y])) if len(y) else 0.0
+
+
+def _without_heldout(batch):
+  return {k: v for k, v in batch.items() if k != "heldout"}
+
+
 def make_fit_copy(apply_fn, tx: optax.GradientTransformation,
                   train_batches: Callable[[int], Iterable[Mapping[str, Any]]],
                   validation_batches: Batches, *,
@@ -48,43 +89,85 @@ def make_fit_copy(apply_fn, tx: optax.GradientTransformation,
   ``train_batches(seed)`` yields one epoch of training batches in the
   order of ``seed`` (copy-epoch ``j`` reads ``COPY_SEED_OFFSET + j``, orders
   the run itself never uses); a batch's ``"heldout"`` entry is dropped.
-  Each ``keep``'s steps are compiled once and kept for the next call.
+  Which inputs are kept is an argument of the compiled steps: one program
+  serves every ``keep``.
   """
-  compiled: dict[tuple, Any] = {}
-
-  def steps(keep):
-    if keep not in compiled:
-      def zeroed(params, model_state, inputs, *, train, rng):
-        x = {m: v if m in keep else jnp.zeros_like(v)
-             for m, v in inputs.items()}
-        return apply_fn(params, model_state, x, train=train, rng=rng)
-      compiled[keep] = (
-          jax.jit(make_train_step(zeroed, tx, Method(), check_tx=False,
-                                  preprocess=train_preprocess)),
-          jax.jit(make_eval_step(zeroed, preprocess=eval_preprocess)))
-    return compiled[keep]
+  step, evaluate = (jax.jit(f) for f in _copy_steps(
+      apply_fn, tx, train_preprocess, eval_preprocess))
 
   def fit_copy(state, keep, epochs):
-    step, evaluate = steps(tuple(keep))
     copy = state.replace(opt_state=tx.init(state.params))
     train_sums, val_sums = [], []
     for j in range(epochs):
       losses = []
       for batch in train_batches(COPY_SEED_OFFSET + j):
-        copy, metrics = step(copy, {k: v for k, v in batch.items()
-                                    if k != "heldout"})
+        mask = _keep_mask(keep, batch["inputs"])
+        copy, metrics = step(copy, _without_heldout(batch), mask)
         losses.append(metrics["loss"])
       train_sums.append(float(np.sum(jax.device_get(losses))))
       val = 0.0
       for batch in validation_batches():
-        out = jax.device_get(evaluate(copy, batch))
-        valid = np.asarray(out["valid"])
-        z = np.asarray(out["fused_logits"], np.float64)[valid]
-        y = np.asarray(out["labels"])[valid]
-        logp = z - np.logaddexp.reduce(z, axis=-1, keepdims=True)
-        val += float(-np.mean(logp[np.arange(len(y)), y])) if len(y) else 0.0
+        val += _mean_cross_entropy(jax.device_get(evaluate(
+            copy, batch, _keep_mask(keep, batch["inputs"]))))
       val_sums.append(val)
     return train_sums, val_sums
+
+  return fit_copy
+
+
+def _take(tree, k: int):
+  return jax.tree.map(lambda x: x[k], tree)
+
+
+def _stack(trees):
+  return jax.tree.map(lambda *xs: np.stack(xs), *trees)
+
+
+def make_fit_copy_over_seeds(
+    apply_fn, txs: Sequence[optax.GradientTransformation],
+    train_batches: Sequence[Callable[[int], Iterable[Mapping[str, Any]]]],
+    validation_batches: Batches, *,
+    train_preprocess: Callable | None = None,
+    eval_preprocess: Callable | None = None):
+  """:func:`make_fit_copy` for a state stacked over seeds: every seed's copy
+  trains in one program (the copy's step ``jax.vmap``-ed over the seed
+  axis), seed ``k`` on ``train_batches[k]``'s orders with ``txs[k].init``
+  (the seeds' optimisers may differ in their initial state only). Returns
+  ``(train_sums, validation_sums)`` as float64 arrays ``[epochs, seeds]``,
+  each seed's entries computed as :func:`make_fit_copy` computes them."""
+  if len(txs) != len(train_batches):
+    raise ValueError(f"one optimiser per seed: {len(txs)} optimisers for "
+                     f"{len(train_batches)} seeds' batches.")
+  step, evaluate = _copy_steps(apply_fn, txs[0], train_preprocess,
+                               eval_preprocess)
+  step = jax.jit(jax.vmap(step, in_axes=(0, 0, None)))
+  evaluate = jax.jit(jax.vmap(evaluate, in_axes=(0, None, None)))
+
+  def fit_copy(state, keep, epochs):
+    n = len(txs)
+    copy = state.replace(opt_state=_stack([
+        jax.device_get(tx.init(_take(state.params, k)))
+        for k, tx in enumerate(txs)]))
+    train_sums, val_sums = [], []
+    for j in range(epochs):
+      losses = []
+      for per_seed in zip(*(b(COPY_SEED_OFFSET + j) for b in train_batches)):
+        copy, metrics = step(copy, _stack([_without_heldout(b)
+                                           for b in per_seed]),
+                             _keep_mask(keep, per_seed[0]["inputs"]))
+        losses.append(metrics["loss"])
+      losses = np.stack(jax.device_get(losses))          # [steps, seeds]
+      train_sums.append([float(np.sum(np.ascontiguousarray(losses[:, k])))
+                         for k in range(n)])
+      val = [0.0] * n
+      for batch in validation_batches():
+        out = jax.device_get(evaluate(copy, batch,
+                                      _keep_mask(keep, batch["inputs"])))
+        val = [v + _mean_cross_entropy(_take(out, k))
+               for k, v in enumerate(val)]
+      val_sums.append(val)
+    return (np.asarray(train_sums, np.float64),
+            np.asarray(val_sums, np.float64))
 
   return fit_copy
 
@@ -187,6 +270,12 @@ class EpochHook:
                                   validation_batches,
                                   train_preprocess=train_preprocess,
                                   eval_preprocess=eval_preprocess)
+    # What SeedEpochHooks builds its copies from.
+    self._copy_parts = dict(apply_fn=apply_fn, tx=tx,
+                            train_batches=train_batches,
+                            validation_batches=validation_batches,
+                            train_preprocess=train_preprocess,
+                            eval_preprocess=eval_preprocess)
 
   def _names(self):
     if self.modalities is None:
@@ -219,3 +308,56 @@ class EpochHook:
       return state, {}
     host = jax.device_get(state)
     return self.method.epoch_end(epoch, host, self.context(host))
+
+
+class SeedEpochHooks:
+  """The epoch hooks of a run whose state is stacked over seeds (a leading
+  seed axis on every leaf, as ``jax.vmap``-ed steps keep it).
+
+  ``hooks[k]`` is seed ``k``'s :class:`EpochHook` (its own batch orders,
+  optimiser and seed). ``state, records = hooks(epoch, stacked_state)``
+  returns the new stacked state and one record per seed. A method with
+  ``epoch_hook_over_seeds`` (G-Blending) is called once, with every seed's
+  model copies trained in one program
+  (:func:`make_fit_copy_over_seeds`); any other method's hook runs seed by
+  seed on that seed's slice of the state. Either way seed ``k``'s result
+  is what ``hooks[k]`` gives on its own (to float rounding of the vmapped
+  arithmetic).
+  """
+
+  def __init__(self, hooks: Sequence[EpochHook]):
+    self.hooks = list(hooks)
+    if not self.hooks:
+      raise ValueError("SeedEpochHooks needs one EpochHook per seed; got "
+                       "none.")
+    self.method = self.hooks[0].method
+    self.fit_copy = None
+    if self.method.has_epoch_hook and self.method.epoch_hook_over_seeds:
+      first = self.hooks[0]._copy_parts
+      self.fit_copy = make_fit_copy_over_seeds(
+          first["apply_fn"], [h._copy_parts["tx"] for h in self.hooks],
+          [h._copy_parts["train_batches"] for h in self.hooks],
+          first["validation_batches"],
+          train_preprocess=first["train_preprocess"],
+          eval_preprocess=first["eval_preprocess"])
+
+  def __call__(self, epoch: int, state) -> tuple[Any, list[dict]]:
+    n = len(self.hooks)
+    if not self.method.has_epoch_hook:
+      return state, [{} for _ in range(n)]
+    host = jax.device_get(state)
+    if self.fit_copy is None:
+      outs = [hook(epoch, _take(host, k))
+              for k, hook in enumerate(self.hooks)]
+      return _stack([jax.device_get(o[0]) for o in outs]), [o[1]
+                                                           for o in outs]
+    first = self.hooks[0]
+    context = EpochContext(modalities=first._names(),
+                           num_classes=first.num_classes, features=None,
+                           seed=first.seed, fit_copy=self.fit_copy,
+                           num_epochs=first.num_epochs, num_seeds=n)
+    state, records = self.method.epoch_end(epoch, host, context)
+    if len(records) != n:
+      raise ValueError(f"{type(self.method).__name__}.epoch_end over {n} "
+                       f"seeds returned {len(records)} records.")
+    return state, list(records)

@@ -78,6 +78,13 @@ class EpochContext(NamedTuple):
   # per copy-epoch sums of per-batch mean losses (G-Blending).
   fit_copy: Any = None
   num_epochs: int | None = None
+  # Set only for a method with ``epoch_hook_over_seeds``, called once for
+  # every seed of a run (:class:`arl_jax.epoch_hooks.SeedEpochHooks`): the
+  # state then carries a leading seed axis of this size, ``fit_copy``
+  # trains every seed's copy in one program and returns arrays
+  # ``[epochs, seeds]``, ``features`` is None, and ``epoch_end`` returns one
+  # record per seed.
+  num_seeds: int | None = None
 
 
 class LossContext(NamedTuple):
@@ -214,6 +221,10 @@ class Method:
   # (state, metrics)`` may replace parameters or method state (D&R's soft
   # re-initialisation); the runner checkpoints what it returns.
   has_epoch_hook: ClassVar[bool] = False
+  # Whether ``epoch_end`` also takes a state stacked over seeds (see
+  # ``EpochContext.num_seeds``); otherwise a multi-seed loop calls it seed
+  # by seed.
+  epoch_hook_over_seeds: ClassVar[bool] = False
   # Whether the method's loss reads the encoders' features (PMR): the model
   # must return them (``make_apply_fn(model, with_features=True)``).
   needs_features: ClassVar[bool] = False

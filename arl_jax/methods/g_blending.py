@@ -3,7 +3,8 @@ head's overfitting-to-generalisation ratio.
 
 Per step: ``L = w_f CE(p_f, y) + sum_m w_m CE(p_m, y)`` with the weights in
 the method state. Epoch hook (outside jit), at epoch 0 (before training) and
-every ``super_epoch`` epochs: for each head ``k`` (the fused one, and each
+every ``super_epoch`` epochs before the last (whose weights no step would
+use): for each head ``k`` (the fused one, and each
 modality ``m`` alone: the fused head with every other input zeroed before
 its encoder), a copy of the current model with a fresh optimiser state
 trains ``super_epoch`` epochs on ``CE(f_k(x), y)``; with ``T_j`` the sum of
@@ -88,6 +89,7 @@ class GBlending(Method):
   """
   name: ClassVar[str] = "g_blending"
   has_epoch_hook: ClassVar[bool] = True
+  epoch_hook_over_seeds: ClassVar[bool] = True
   super_epoch: int = 10
   ratio: str = "delta"
 
@@ -117,8 +119,11 @@ class GBlending(Method):
                       None), state
 
   def epoch_end(self, epoch, state, context):
-    if epoch % self.super_epoch:
-      return state, {}
+    over_seeds = context.num_seeds is not None
+    last = context.num_epochs is not None and epoch >= context.num_epochs
+    if epoch % self.super_epoch or last:
+      # After the last epoch no step would use new weights.
+      return state, ([{}] * context.num_seeds if over_seeds else {})
     if context.fit_copy is None:
       raise ValueError("G-Blending's epoch hook trains copies of the model: "
                        "the EpochContext needs fit_copy (the runner gives "
@@ -129,9 +134,24 @@ class GBlending(Method):
       keep = names if head == "fused" else (head,)
       t, v = context.fit_copy(state, keep, self.super_epoch)
       curves[head] = (t[0], t[-1], v[0], v[-1])
-    weights = blending_weights(curves, self.ratio)
-    method_state = {"weights": {k: jnp.full((), w, jnp.float32)
-                                for k, w in weights.items()}}
-    return state.replace(method_state=method_state), {
-        "weights": weights, "curves": {k: list(map(float, c))
-                                       for k, c in curves.items()}}
+    if not over_seeds:
+      weights = blending_weights(curves, self.ratio)
+      method_state = {"weights": {k: jnp.full((), w, jnp.float32)
+                                  for k, w in weights.items()}}
+      return state.replace(method_state=method_state), _record(weights,
+                                                               curves)
+    # Every seed's copies trained at once: the curves carry a seed axis;
+    # each seed's weights are computed as for one seed.
+    per_seed = [{k: tuple(float(x[s]) for x in c) for k, c in curves.items()}
+                for s in range(context.num_seeds)]
+    weights = [blending_weights(c, self.ratio) for c in per_seed]
+    method_state = {"weights": {k: jnp.asarray([w[k] for w in weights],
+                                               jnp.float32)
+                                for k in weights[0]}}
+    return state.replace(method_state=method_state), [
+        _record(w, c) for w, c in zip(weights, per_seed)]
+
+
+def _record(weights: dict, curves: dict) -> dict:
+  return {"weights": weights,
+          "curves": {k: list(map(float, c)) for k, c in curves.items()}}

@@ -175,5 +175,8 @@ def get_config() -> ml_collections.ConfigDict:
   # identity.
   c.stop_after_epoch = 0
   c.plots = True
+  # TensorBoard events in each run's folder (with tensorboardX installed);
+  # metrics.jsonl holds every figure either way.
+  c.tensorboard = True
   c.progress = "auto"                 # auto | bar | lines | none
   return c
