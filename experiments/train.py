@@ -613,9 +613,37 @@ def _train_locked(config, workdir: pathlib.Path, topology,
     return {str(k): p for k, p in enumerate(best_predictions)
             if p is not None}
 
+  def probe(host_state_k) -> dict:
+    return diagnostics.linear_probe_accuracy(
+        functools.partial(features, host_state_k), data.splits,
+        data.num_classes, data.modalities)
+
+  pending_probes = [None] * seeds.n
+
+  def flush_probe(k: int) -> None:
+    """The probe of seed ``k``'s best epoch so far, if it waits: into that
+    epoch's record (the run's record, metrics.jsonl and TensorBoard)."""
+    if pending_probes[k] is None:
+      return
+    epoch, host_state_k = pending_probes[k]
+    pending_probes[k] = None
+    history = runs[k]["history"]
+    record = history[epoch - 1]
+    assert record["epoch"] == epoch, (record["epoch"], epoch)
+    record["probe_accuracy"] = workdir_lib.finite_or_none(probe(host_state_k))
+    if writer:
+      lock.check_held()
+      _write_atomic(history_paths[k], "".join(
+          workdir_lib.json_line(h) for h in history))
+      if events[k] is not None:
+        events[k].add({"epoch": epoch,
+                       "probe_accuracy": record["probe_accuracy"]})
+
   def save(epoch: int, batch: int, step_metrics) -> None:
     """Checkpoint after ``batch`` of the ``steps`` batches of ``epoch``;
     mid-epoch, with the epoch's step metrics so far."""
+    for k in range(seeds.n):
+      flush_probe(k)        # the checkpoint's record is complete
     mid = batch < steps
     stacked = None
     if mid:
@@ -705,11 +733,19 @@ def _train_locked(config, workdir: pathlib.Path, topology,
       record = epoch_record(epoch, train, val, test,
                             schedule(step_count - 1), data.modalities)
       new_best = val["accuracy"] > run["best_val"]
-      if features is not None and (new_best or epoch == config.num_epochs):
+      last = epoch == config.num_epochs
+      if features is not None:
         # Only where it is reported: the selected epoch and the last one.
-        record["probe_accuracy"] = diagnostics.linear_probe_accuracy(
-            functools.partial(features, seeds.take(host_state, k)),
-            data.splits, data.num_classes, data.modalities)
+        # A new best epoch's probe waits (its encoders kept on the host)
+        # until the next checkpoint or the last epoch: most are overtaken
+        # before then and never need it.
+        if new_best:
+          pending_probes[k] = None          # overtaken: never reported
+        if last:
+          flush_probe(k)
+          record["probe_accuracy"] = probe(seeds.take(host_state, k))
+        elif new_best:
+          pending_probes[k] = (epoch, seeds.take(host_state, k))
       if weigh_fusion:
         record["fusion"] = fusions[k]
         # The quantity ARL's estimators target, measured on the (large) test

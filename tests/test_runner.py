@@ -264,7 +264,8 @@ def check_sigkill_and_resume(tmp_path, extra):
           == check_events(reference, epochs))
 
 
-def check_events(workdir, epochs):
+def check_events(workdir, epochs, tags=("train/loss", "validation/accuracy",
+                                        "test/accuracy", "lr", "a/audio")):
   """The workdir's TensorBoard scalars, read back and checked against
   metrics.jsonl: one value per epoch per tag."""
   events = tensorboard.read_scalars(workdir / "tensorboard")
@@ -279,8 +280,7 @@ def check_events(workdir, epochs):
   # Each tag once per epoch that has it (the method's hook records only
   # some epochs), in order, with the log's values.
   assert events == want
-  for tag in ("train/loss", "validation/accuracy", "test/accuracy",
-              "lr", "a/audio"):
+  for tag in tags:
     assert tag in events, sorted(events)
   return events
 
@@ -349,6 +349,44 @@ def test_imbalance_run_reports_probes_fusion_weights_and_predictions(tmp_path):
   np.testing.assert_allclose(np.exp(z["test_log_probs"]).sum(-1), 1.0,
                              rtol=1e-5)
   assert report["bayes_true_class_variance"]["a"] > 0
+
+
+def test_a_best_epochs_probe_waits_for_the_checkpoint_and_resumes_exactly(
+    tmp_path):
+  """The probe of a new best epoch is computed when it is still the best at
+  the next checkpoint (or the last epoch): the same figures as probing
+  every best epoch at once, and the same record after a stop and resume."""
+  base = {"method.name": "concat", "num_epochs": 6,
+          "optim.decay_epochs": (5,)}
+  eager = train.train_and_evaluate(
+      tiny_imbalance(**base, checkpoint_every_epochs=1), tmp_path / "eager")
+  runs = {}
+  for name, stop in (("reference", 0), ("stopped", 3)):
+    c = tiny_imbalance(**base, checkpoint_every_epochs=3)
+    c.stop_after_epoch = stop
+    report = train.train_and_evaluate(c, tmp_path / name)
+    if stop:
+      assert report["stopped_after_epoch"] == 3
+      c.stop_after_epoch = 0
+      report = train.train_and_evaluate(c, tmp_path / name)
+    runs[name] = report
+    check_events(tmp_path / name, 6, ("train/loss", "a/b",
+                                      "probe_accuracy/b/test"))
+  reference = runs["reference"]
+  assert reference == runs["stopped"]
+  log = lambda name: (tmp_path / name / "metrics.jsonl").read_text()
+  assert log("reference") == log("stopped")
+  for key in ("probe_accuracy_at_best_val", "probe_accuracy_last",
+              "best_epoch", "test_accuracy_at_best_val"):
+    assert reference[key] == eager[key], key
+  # Probed: the best epoch as of each checkpoint, and the last epoch; the
+  # eager run probes every epoch that was a new best.
+  probed = [json.loads(l)["epoch"] for l in log("reference").splitlines()
+            if "probe_accuracy" in json.loads(l)]
+  assert {reference["best_epoch"], 6} <= set(probed)
+  eager_probed = [json.loads(l)["epoch"] for l in log("eager").splitlines()
+                  if "probe_accuracy" in json.loads(l)]
+  assert set(probed) <= set(eager_probed)
 
 
 def test_one_modality_alone_zeroes_the_others(tmp_path):
