@@ -139,7 +139,8 @@ def weighted_evaluations(helds: list, vals: list, tests: list) -> list[dict]:
   out = []
   for k, (val, test) in enumerate(zip(vals, tests)):
     seed = {}
-    for kind, (w, pv, pt) in fitted.items():
+    for kind in fusion_weighting.WEIGHTINGS:      # in the library's order
+      w, pv, pt = fitted[kind]
       seed[kind] = {"weights": {m: float(x[k]) for m, x in w.items()},
                     "val_accuracy": float(np.mean(pv[k] == val["labels"])),
                     "test_accuracy": float(np.mean(pt[k] == test["labels"]))}
