@@ -504,7 +504,8 @@ def _train_locked(config, workdir: pathlib.Path, topology,
         eval_preprocess=d.eval_preprocess)
     states.append(jax.device_get(state) if seeds.stacked else state)
     hooks.append(hook)
-  seed_hooks = arl_jax.epoch_hooks.SeedEpochHooks(hooks)
+  seed_hooks = (arl_jax.epoch_hooks.SeedEpochHooks(hooks) if seeds.stacked
+                else None)
 
   def run_hook(epoch: int, st) -> tuple[Any, list[dict]]:
     """The epoch hook of every seed (G-Blending's copies of all seeds in

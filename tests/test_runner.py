@@ -22,6 +22,28 @@ from experiments.configs import uci
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
+def act_during_training(monkeypatch, epoch, batch, action, seed=None):
+  """Calls ``action()`` when the runner's pipeline yields batch ``batch`` of
+  ``epoch`` (of the run seeded ``seed``, when given); returns the original
+  ``train.load_data``."""
+  load = train.load_data
+
+  def load_and_act(config, workdir, **kwargs):
+    data = load(config, workdir, **kwargs)
+    epoch_batches = data.train
+
+    def batches(e, first=0):
+      for i, b in enumerate(epoch_batches(e, first), first):
+        if e == epoch and i == batch and seed in (None, config.seed):
+          action()
+        yield b
+    data.train = batches
+    return data
+
+  monkeypatch.setattr(train, "load_data", load_and_act)
+  return load
+
+
 def tiny_synthetic(epochs=3, **overrides):
   c = synthetic.get_config()
   c.data.sizes = (512, 128, 256)

@@ -16,6 +16,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 import test_runner_reliability
+from test_runner import act_during_training
 from test_runner_reliability import _flip_16_bytes
 from test_runner_reliability import _unreadable_but_recorded
 from test_runner_reliability import assert_same_run
@@ -115,22 +116,11 @@ def test_a_foreign_non_empty_workdir_is_refused_untouched(tmp_path):
 def test_a_replaced_lock_stops_the_run_before_it_writes(tmp_path,
                                                         monkeypatch):
   workdir = tmp_path / "run"
-  load = train.load_data
 
-  def load_and_steal(config, workdir_, **kwargs):
-    data = load(config, workdir_, **kwargs)
-    epoch_batches = data.train
-
-    def batches(epoch, first=0):
-      for i, batch in enumerate(epoch_batches(epoch, first), first):
-        if epoch == 2 and i == 3:           # another run takes the workdir
-          (workdir / ".lock").unlink()
-          (workdir / ".lock").write_text("{}")
-        yield batch
-    data.train = batches
-    return data
-
-  monkeypatch.setattr(train, "load_data", load_and_steal)
+  def steal():                          # another run takes the workdir
+    (workdir / ".lock").unlink()
+    (workdir / ".lock").write_text("{}")
+  act_during_training(monkeypatch, 2, 3, steal)
   with pytest.raises(workdir_lib.WorkdirBusy, match="deleted or replaced"):
     train.train_and_evaluate(config(), workdir)
   history = (workdir / "metrics.jsonl").read_text().splitlines()

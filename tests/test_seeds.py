@@ -13,6 +13,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from test_runner import act_during_training
 from test_runner import tiny_synthetic
 
 import arl_jax
@@ -148,21 +149,8 @@ def test_sigterm_mid_epoch_saves_every_seed_and_resumes_exactly(
   reference = _reference(tmp_path_factory)
   workdir = tmp_path_factory.mktemp("preempted") / "run"
   config = tiny_synthetic(**{**SMALL, "num_epochs": 3, "num_seeds": 3})
-  load = train.load_data
-
-  def load_and_signal(config_, workdir_, **kwargs):
-    data = load(config_, workdir_, **kwargs)
-    batches = data.train
-
-    def train_batches(epoch, first=0):
-      for i, batch in enumerate(batches(epoch, first), first):
-        if epoch == 2 and i == 2 and config_.seed == 2:
-          os.kill(os.getpid(), signal.SIGTERM)
-        yield batch
-    data.train = train_batches
-    return data
-
-  monkeypatch.setattr(train, "load_data", load_and_signal)
+  load = act_during_training(
+      monkeypatch, 2, 2, lambda: os.kill(os.getpid(), signal.SIGTERM), seed=2)
   with pytest.raises(workdir_lib.Preempted, match="batch 3 of 4 of epoch 2"):
     train.train_and_evaluate(config, workdir)
   monkeypatch.setattr(train, "load_data", load)
